@@ -1,0 +1,204 @@
+"""Dispatcher-level interposition: the aten operator's Autograd kernel is ours.
+
+A ``TorchDispatchMode`` runs below autograd, after autograd has already decided what to
+save, so it cannot save anything. Replacing the operator's kernel at the Autograd dispatch
+key (``AutogradCPU``...) does: every entry point (``F.conv2d``, ``nn.Conv2d``, functional
+code, C++ decompositions) reaches it, autocast has already cast the arguments, and the
+kernel can hand the call to an ``autograd.Function`` that saves less.
+
+Registration is process-wide and, in PyTorch's dispatcher, not safe against other threads
+dispatching the same operator at that moment (measured: replacing and restoring a kernel
+while another thread runs it trips an internal assert). So the kernels are installed once,
+on the first entry into a MemSaveMode, and stay installed; outside a mode (in this thread)
+each call goes straight to the captured stock kernel, behaving exactly as stock.
+:func:`uninstall` restores the stock kernels when no other thread is running PyTorch ops.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+from torch._ops import OpOverload
+from torch.autograd import forward_ad
+from torch.library import Library
+from torch.nn import Parameter
+
+from . import registry
+
+__all__ = ["install", "uninstall", "installed", "active_modes", "AUTOGRAD_KEYS"]
+
+AUTOGRAD_KEYS = {"cpu": "AutogradCPU", "cuda": "AutogradCUDA"}
+
+
+class _ThreadState(threading.local):
+    def __init__(self) -> None:
+        self.modes: list = []  # MemSaveModes entered in this thread, innermost last
+
+
+_thread = _ThreadState()
+_install_lock = threading.RLock()
+_installed: dict[tuple[OpOverload, str], Library] = {}
+_devices_installed: set[str] = set()
+
+
+def active_modes() -> list:
+    """The MemSaveModes active in the calling thread, innermost last."""
+    return _thread.modes
+
+
+def push_mode(mode) -> None:
+    _thread.modes.append(mode)
+
+
+def pop_mode(mode) -> None:
+    modes = _thread.modes
+    # Exit in LIFO order normally; tolerate an out-of-order exit without leaving the mode behind.
+    for index in range(len(modes) - 1, -1, -1):
+        if modes[index] is mode:
+            del modes[index]
+            break
+    if not modes:
+        policy.forget_deferred()
+
+
+def installed() -> frozenset[tuple[OpOverload, str]]:
+    return frozenset(_installed)
+
+
+def install(devices: Iterable[str] = ("cpu",)) -> None:
+    """Install the interposing kernels for every registered operator on ``devices``."""
+    with _install_lock:
+        for device in devices:
+            _devices_installed.add(device)
+            for op in registry.registered_ops():
+                _install_kernel(op, device)
+
+
+def uninstall() -> None:
+    """Restore every stock kernel. Only call this while no other thread runs PyTorch ops."""
+    with _install_lock:
+        for library in _installed.values():
+            library._destroy()
+        _installed.clear()
+        _devices_installed.clear()
+
+
+def _on_register(op: OpOverload) -> None:
+    with _install_lock:
+        for device in tuple(_devices_installed):
+            _install_kernel(op, device)
+
+
+registry.on_register(_on_register)
+
+from . import accounting, policy  # noqa: E402  (both read this module's thread state)
+
+
+def _install_kernel(op: OpOverload, device: str) -> None:
+    if (op, device) in _installed:
+        return
+    key = AUTOGRAD_KEYS[device]
+    stock = torch.library.get_kernel(op, key)
+    library = Library("aten", "IMPL")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
+        library.impl(op, _make_kernel(op, device, stock), key, with_keyset=True)
+    _installed[(op, device)] = library
+
+
+def _make_kernel(op: OpOverload, device: str, stock):
+    def kernel(keyset, *args, **kwargs):
+        modes = _thread.modes
+        if not modes:
+            return stock.call_boxed(keyset, *args, **kwargs)
+        return _route(op, device, stock, modes[-1], keyset, args, kwargs)
+
+    kernel.__name__ = f"memsave_{op._opname}_{device}"
+    return kernel
+
+
+def _route(op: OpOverload, device: str, stock, mode, keyset, args: tuple, kwargs: dict):
+    entry = mode._entries.get(op)  # the handlers this mode enabled, as of its entry
+    if entry is None:
+        return stock.call_boxed(keyset, *args, **kwargs)
+    reason = _reason_for_stock(entry, device, mode, args, kwargs)
+    if reason is None:
+        full_arguments = entry.full_arguments(args, kwargs)
+        handler = entry.handler
+        if handler.unsupported is not None:
+            reason = handler.unsupported(*full_arguments)
+        if reason is None and entry.is_policy:
+            return _run_policy(entry, stock, keyset, args, kwargs, full_arguments)
+        if reason is None and handler.keeps_less is not None and not handler.keeps_less(*full_arguments):
+            reason = "stock keeps no more"
+    if reason is not None:
+        accounting.record_stock(op, entry.family, reason)
+        return stock.call_boxed(keyset, *args, **kwargs)
+    return entry.function.apply_untransformed(*full_arguments)
+
+
+def _run_policy(entry, stock, keyset, args: tuple, kwargs: dict, full_arguments: tuple):
+    user_hooks = policy.default_hooks()
+    if user_hooks is None:
+        outputs = stock.call_boxed(keyset, *args, **kwargs)
+    elif policy.is_checkpoint_hooks(user_hooks) or not torch._C._autograd._saved_tensors_hooks_is_enabled():
+        accounting.record_stock(entry.op, entry.family, "checkpointed region")
+        return stock.call_boxed(keyset, *args, **kwargs)
+    else:
+        outputs = policy.run_without_default_hooks(lambda: stock.call_boxed(keyset, *args, **kwargs))
+    first = outputs[0] if isinstance(outputs, tuple) else outputs
+    node = first.grad_fn
+    if node is None:  # nothing required grad after all (e.g. integer outputs)
+        return outputs
+    as_tuple = outputs if isinstance(outputs, tuple) else (outputs,)
+    handler = entry.handler
+    saved = handler.saved(full_arguments, as_tuple)
+    policy.apply_policy(entry.op, entry.family, saved, node, user_hooks, _thread.modes)
+    if handler.released is not None:
+        policy.release(handler.released(*full_arguments))
+    return outputs
+
+
+def _reason_for_stock(entry, device: str, mode, args: tuple, kwargs: dict) -> str | None:
+    """Why this call must run stock PyTorch, or None when the handler may take it."""
+    if not torch.is_grad_enabled():
+        return "grad mode off"
+    if device not in mode.devices or device not in entry.handler.devices:
+        return f"device {device} not enabled"
+    if torch._C._are_functorch_transforms_active():
+        return "functorch transform"
+    if torch._C._get_tracing_state() is not None:
+        return "torch.jit tracing"
+    if forward_ad._current_level >= 0 and not entry.is_policy:
+        return "forward-mode AD"  # a Handler's Function has no jvp; policies keep stock's
+    needs_grad = False
+    for tensor in entry.tensor_arguments(args, kwargs):
+        kind = tensor.__class__
+        if kind is not Tensor and kind is not Parameter:
+            problem = _unsupported_tensor_type(kind)
+            if problem is not None:
+                return problem
+        if tensor.layout is not torch.strided:
+            return f"layout {str(tensor.layout).removeprefix('torch.')}"
+        if tensor.is_complex():
+            return "complex dtype"
+        if tensor.is_quantized:
+            return "quantized tensor"
+        if tensor._is_zerotensor():
+            return "efficient zero tensor"  # forward-AD formulas pass these for absent tangents
+        needs_grad = needs_grad or tensor.requires_grad
+    if not needs_grad:
+        return "no input requires grad"
+    return None
+
+
+def _unsupported_tensor_type(kind: type) -> str | None:
+    if kind.__name__ == "FunctionalTensor" and torch.compiler.is_compiling():
+        return None  # AOTAutograd tracing: handle it so the saving survives compilation
+    if kind.__name__ == "FakeTensor":
+        return "fake tensor"
+    return f"tensor subclass {kind.__name__}"

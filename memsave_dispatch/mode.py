@@ -1,0 +1,150 @@
+"""MemSaveMode: the public context manager."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Iterable
+from typing import Union
+
+from torch._ops import OpOverload, OpOverloadPacket
+from torch.overrides import TorchFunctionMode
+
+from . import interposer, registry
+from .report import OpTally, Report
+
+__all__ = ["MemSaveMode", "VERIFIED_DEVICES"]
+
+OpSelector = Union[OpOverload, OpOverloadPacket, str, type]
+VERIFIED_DEVICES = frozenset({"cpu"})
+
+
+class MemSaveMode(TorchFunctionMode):
+    """Inside this context, autograd keeps only what the requested gradients need.
+
+    Every registered aten operator called in this thread, with grad mode on and some
+    argument requiring grad, runs through its handler; gradients are bit-identical to stock.
+    Other threads, and this thread after exit, run stock PyTorch.
+
+    Args:
+        include: handle only these operators (aten overloads or packets, op family names
+            such as ``"conv"``, or handler classes). Default: every registered handler.
+        exclude: never handle these.
+        devices: device types to handle. Only ``"cpu"`` is verified bit-exact; others warn.
+
+    The mode is a ``TorchFunctionMode``: torch.compile guards on the mode stack, so a graph
+    compiled inside the mode is never reused outside it, and vice versa.
+    """
+
+    def __init__(
+        self,
+        *,
+        include: Iterable[OpSelector] | None = None,
+        exclude: Iterable[OpSelector] | None = None,
+        devices: Iterable[str] = ("cpu",),
+    ) -> None:
+        super().__init__()
+        self._include = None if include is None else tuple(include)
+        self._exclude = () if exclude is None else tuple(exclude)
+        self.devices = frozenset(devices)
+        unknown = self.devices - set(interposer.AUTOGRAD_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown device type(s) {sorted(unknown)}; MemSaveMode handles {sorted(interposer.AUTOGRAD_KEYS)}"
+            )
+        unverified = self.devices - VERIFIED_DEVICES
+        if unverified:
+            warnings.warn(
+                f"MemSaveMode on {sorted(unverified)} is not verified bit-exact against stock "
+                f"PyTorch; run tools/gpu_check.py on that device first",
+                stacklevel=2,
+            )
+        self._ops = self._select_ops()  # validates selectors now, refreshed on every entry
+        self._entries: dict = {}
+        self._tallies: dict[OpOverload, OpTally] = {}
+        self._tallies_lock = threading.Lock()
+
+    # -- selection -------------------------------------------------------------------
+    def _select_ops(self) -> frozenset[OpOverload]:
+        registered = registry.registered_ops()
+        chosen = set(registered) if self._include is None else _resolve(self._include, registered, "include")
+        return frozenset(chosen - _resolve(self._exclude, registered, "exclude"))
+
+    @property
+    def ops(self) -> frozenset[OpOverload]:
+        """The operators this mode handles."""
+        return self._ops
+
+    # -- context manager -------------------------------------------------------------
+    def __enter__(self) -> MemSaveMode:
+        self._ops = self._select_ops()
+        self._entries = {op: registry.handler_for(op) for op in self._ops}
+        interposer.install(self.devices)
+        interposer.push_mode(self)
+        try:
+            super().__enter__()
+        except BaseException:
+            interposer.pop_mode(self)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            super().__exit__(exc_type, exc, traceback)
+        finally:
+            interposer.pop_mode(self)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+    # -- report ----------------------------------------------------------------------
+    def _tally(self, op: OpOverload, family: str) -> OpTally:
+        tally = self._tallies.get(op)
+        if tally is None:
+            with self._tallies_lock:
+                tally = self._tallies.setdefault(op, OpTally(str(op), family))
+        return tally
+
+    def report(self) -> Report:
+        """A snapshot of what this mode intercepted so far (``to_dict()`` for JSON)."""
+        return Report(tuple(tally.snapshot() for tally in list(self._tallies.values())))
+
+    def print_report(self, console=None) -> None:
+        """Print the report as a rich table."""
+        if console is None:
+            from rich.console import Console
+
+            console = Console()
+        console.print(self.report().table())
+
+    def reset_report(self) -> None:
+        with self._tallies_lock:
+            self._tallies.clear()
+
+
+def _resolve(selectors: Iterable[OpSelector], registered, what: str) -> set[OpOverload]:
+    chosen: set[OpOverload] = set()
+    for selector in selectors:
+        if isinstance(selector, OpOverload):
+            if selector not in registered:
+                raise ValueError(f"{what}: {selector} has no registered handler")
+            chosen.add(selector)
+        elif isinstance(selector, OpOverloadPacket):
+            matches = {op for op in registered if op.overloadpacket is selector}
+            if not matches:
+                raise ValueError(f"{what}: no overload of {selector} has a registered handler")
+            chosen |= matches
+        elif isinstance(selector, str):
+            if selector not in registry.FAMILIES:
+                raise ValueError(f"{what}: unknown op family {selector!r}; families: {registry.FAMILIES}")
+            chosen |= {op for op in registered if registry.handler_for(op).family == selector}
+        elif isinstance(selector, type):
+            matches = {op for op in registered if registry.handler_for(op).handler is selector}
+            if not matches:
+                raise ValueError(f"{what}: {selector.__name__} is not a registered handler")
+            chosen |= matches
+        else:
+            raise TypeError(
+                f"{what} takes aten operators, op family names or handler classes, got {selector!r}"
+            )
+    return chosen

@@ -1,0 +1,5 @@
+"""Built-in handlers, one module per operator family. Importing registers them."""
+
+from . import activations, conv, linear, norms, pooling
+
+__all__ = ["activations", "conv", "linear", "norms", "pooling"]

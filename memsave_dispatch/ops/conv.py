@@ -1,0 +1,36 @@
+"""Convolution, all of 1-d/2-d/3-d and transposed: ``aten.convolution``.
+
+``F.conv*d``, ``nn.Conv*d`` (any ``padding_mode``: non-zero modes pad in a separate op),
+``padding='same'`` and ``conv_transpose*d`` all reach this one operator.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import Parameter
+
+from ..policy import DROP, KEEP, Saved
+from ..registry import SavingPolicy, register_handler
+
+aten = torch.ops.aten
+
+
+@register_handler(aten.convolution.default)
+class Convolution(SavingPolicy):
+    """out = conv(x, W) + b.
+
+    grad_x = conv_transposed(grad, W) needs W; grad_W = correlate(x, grad) needs x;
+    grad_b = sum(grad) needs neither. Stock keeps x and W whatever was requested.
+    A parameter W is kept regardless: it outlives the graph anyway.
+    """
+
+    family = "conv"
+
+    @staticmethod
+    def saved(args, outputs):
+        input, weight = args[0], args[1]
+        drop_weight = not input.requires_grad and not isinstance(weight, Parameter)
+        return {
+            "input": Saved(input, KEEP if weight.requires_grad else DROP),
+            "weight": Saved(weight, DROP if drop_weight else KEEP),
+        }

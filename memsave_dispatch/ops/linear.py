@@ -1,0 +1,52 @@
+"""Matrix products that ``nn.Linear`` reaches: ``addmm`` (with bias) and ``mm`` (without).
+
+Stock autograd already saves per requested gradient here (grad_mat1 needs mat2, grad_mat2
+needs mat1): these keep stock's node untouched and are only counted in the report.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..policy import KEEP, Saved
+from ..registry import SavingPolicy, register_handler
+
+aten = torch.ops.aten
+
+
+def _product_operands(mat1, mat2) -> dict[str, Saved]:
+    return {
+        "mat1": Saved(mat1 if mat2.requires_grad else None, KEEP),
+        "mat2": Saved(mat2 if mat1.requires_grad else None, KEEP),
+    }
+
+
+@register_handler(aten.addmm.default)
+class Addmm(SavingPolicy):
+    """out = beta * bias + alpha * mat1 @ mat2 (``nn.Linear`` with bias, any leading dims)."""
+
+    family = "linear"
+
+    @staticmethod
+    def saved(args, outputs):
+        return _product_operands(args[1], args[2])
+
+    @staticmethod
+    def released(bias, mat1, mat2, *_scalars):
+        return () if mat2.requires_grad else (mat1,)
+
+
+@register_handler(aten.mm.default)
+class Mm(SavingPolicy):
+    """out = self @ mat2 (``nn.Linear`` without bias). Stock names the slots self/mat2."""
+
+    family = "linear"
+
+    @staticmethod
+    def saved(args, outputs):
+        operands = _product_operands(args[0], args[1])
+        return {"self": operands["mat1"], "mat2": operands["mat2"]}
+
+    @staticmethod
+    def released(self, mat2):
+        return () if mat2.requires_grad else (self,)

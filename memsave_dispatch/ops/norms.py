@@ -1,0 +1,43 @@
+"""Normalization layers.
+
+Batch norm on CPU reaches ``aten.native_batch_norm`` for ``nn.BatchNorm1d/2d/3d``,
+``F.batch_norm`` and ``F.instance_norm``, in training and eval mode. On CUDA the same modules
+reach ``aten.cudnn_batch_norm`` (``aten.miopen_batch_norm`` on ROCm) and
+``native_batch_norm`` where cuDNN does not apply; only CPU is verified so far.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..policy import DROP, KEEP, Saved
+from ..registry import SavingPolicy, register_handler
+
+aten = torch.ops.aten
+
+
+@register_handler(aten.native_batch_norm.default)
+class NativeBatchNorm(SavingPolicy):
+    """y = (x - mean) * invstd * w + b, with batch statistics (training) or running ones (eval).
+
+    grad_b = sum(grad) needs nothing. grad_w = sum(grad * x_hat) needs x and the statistics.
+    grad_x needs w, and in training also x_hat (the batch statistics depend on x); in eval
+    mode it is grad * w * invstd(running_var) and needs no activation. Stock keeps x always.
+    Running statistics are buffers: keeping them costs nothing.
+    """
+
+    family = "norm"
+
+    @staticmethod
+    def saved(args, outputs):
+        input, weight, _bias, running_mean, running_var, training = args[:6]
+        need_input = (weight is not None and weight.requires_grad) or (training and input.requires_grad)
+        keep_input = KEEP if need_input else DROP
+        return {
+            "input": Saved(input, keep_input),
+            "weight": Saved(weight, KEEP),
+            "running_mean": Saved(running_mean, KEEP),
+            "running_var": Saved(running_var, KEEP),
+            "result1": Saved(outputs[1], keep_input),  # batch mean (empty in eval mode)
+            "result2": Saved(outputs[2], keep_input),  # batch inverse std
+        }

@@ -1,0 +1,332 @@
+"""Saving policies: stock's autograd node and backward kernel, with less kept in it.
+
+After the stock Autograd kernel ran, the node it created holds its saved tensors in
+``SavedVariable`` slots (``node._raw_saved_<name>``). A slot accepts one pair of
+pack/unpack hooks; registering them packs the tensor at once and releases the slot's
+reference to it. That is how a policy drops a tensor (backward gets a zero-memory ghost of
+the same layout) or keeps an exact encoding of it (backward gets the decoded stand-in).
+The backward formula is stock's own, so the gradients are stock's bit for bit.
+
+Share-aware saving: a ReLU output is usually also the next layer's input. Encoding it in
+the ReLU node frees nothing while the next layer keeps it, and costs time. So such an
+encoding is *deferred*: it happens only when a consumer handled by this library drops that
+tensor, and is skipped when one keeps it.
+
+When the user's saved-tensor hooks are active (``save_on_cpu``, a custom pair, a memory
+meter), the stock kernel runs without them and the user's hooks are then registered on
+every slot stock would have packed, and on every encoding: they see everything kept.
+Inside non-reentrant checkpointing nothing is changed (the region is recomputed anyway, and
+its recomputation must save exactly what the first pass saved).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import accounting
+from .saving import Codec, TensorLayout
+
+__all__ = [
+    "Decision",
+    "KEEP",
+    "DROP",
+    "Encode",
+    "EncodeWhenReleased",
+    "Saved",
+    "apply_policy",
+    "default_hooks",
+    "run_without_default_hooks",
+    "forget_deferred",
+    "release",
+]
+
+
+class Decision:
+    """What a policy does with one tensor the stock node saves."""
+
+    label = "kept"
+
+
+class _Keep(Decision):
+    label = "kept"
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+class _Drop(Decision):
+    label = "dropped"
+
+    def __repr__(self) -> str:
+        return "DROP"
+
+
+KEEP: Decision = _Keep()
+"""Leave the tensor in the node, as stock does."""
+
+DROP: Decision = _Drop()
+"""Release it; backward reads a ghost with the same sizes, strides and dtype."""
+
+
+@dataclass(frozen=True)
+class Encode(Decision):
+    """Keep ``codec.encode(tensor)`` instead of the tensor."""
+
+    codec: Codec
+
+    @property
+    def label(self) -> str:
+        return self.codec.name
+
+
+@dataclass(frozen=True)
+class EncodeWhenReleased(Decision):
+    """Keep the tensor while anything else may keep it; encode it once a consumer handled
+    by this library drops it (for an op's *output* that the next layer consumes)."""
+
+    codec: Codec
+
+    label = "kept (shared with consumer)"
+
+
+class Saved(NamedTuple):
+    """One tensor of the stock node (``None`` if stock saves nothing there) and its fate."""
+
+    tensor: Tensor | None
+    decision: Decision
+
+
+Hooks = tuple[Callable[[Tensor], Any], Callable[[Any], Tensor]]
+
+
+# -- hooks on one slot ------------------------------------------------------------------
+class _Ghosted:
+    """Slot hooks for a dropped tensor: nothing kept, a ghost in backward."""
+
+    __slots__ = ("layout",)
+
+    def pack(self, tensor: Tensor) -> None:
+        self.layout = TensorLayout.of(tensor)
+
+    def unpack(self, _packed: None) -> Tensor:
+        return self.layout.ghost()
+
+    def kept_tensors(self) -> tuple[Tensor, ...]:
+        return ()
+
+
+class _Encoded:
+    """Slot hooks for an encoded tensor; the user's hooks, if any, pack the encoding.
+
+    ``deferred``: pack keeps the original (through the user's hooks) until ``encode`` is
+    called by a consumer that releases the tensor.
+    """
+
+    __slots__ = ("codec", "user_hooks", "deferred", "kept", "meta")
+
+    def __init__(self, codec: Codec, user_hooks: Hooks | None, deferred: bool = False) -> None:
+        self.codec, self.user_hooks, self.deferred = codec, user_hooks, deferred
+        self.kept: tuple = ()
+        self.meta: object = None
+
+    def pack(self, tensor: Tensor) -> None:
+        if self.deferred:
+            self.kept = (self._user_pack(tensor),)
+        else:
+            self.encode(tensor)
+
+    def encode(self, tensor: Tensor) -> None:
+        with torch.no_grad():
+            encoded, self.meta = self.codec.encode(tensor)
+        self.kept = tuple(self._user_pack(t) for t in encoded)
+        self.deferred = False
+
+    def unpack(self, _packed: None) -> Tensor:
+        kept = tuple(self._user_unpack(p) for p in self.kept)
+        if self.deferred:
+            return kept[0]
+        return self.codec.decode(kept, self.meta)
+
+    def _user_pack(self, tensor: Tensor) -> Any:
+        return tensor if self.user_hooks is None else self.user_hooks[0](tensor)
+
+    def _user_unpack(self, packed: Any) -> Tensor:
+        return packed if self.user_hooks is None else self.user_hooks[1](packed)
+
+    def kept_tensors(self) -> tuple[Tensor, ...]:
+        """What this slot holds, for audits (only meaningful without user hooks)."""
+        return tuple(t for t in self.kept if isinstance(t, Tensor))
+
+
+# -- deferred encodings -----------------------------------------------------------------
+class _Deferred:
+    """An encoding waiting for a consumer to release its tensor."""
+
+    __slots__ = ("tensor_ref", "version", "node", "slot", "codec", "holder", "tallies", "nbytes")
+
+    def __init__(self, tensor, node, slot, codec, holder, tallies, nbytes) -> None:
+        self.version = tensor._version
+        self.node, self.slot, self.codec, self.holder = node, slot, codec, holder
+        self.tallies, self.nbytes = tallies, nbytes
+
+
+class _ThreadDeferred(threading.local):
+    def __init__(self) -> None:
+        self.by_tensor: dict[int, _Deferred] = {}
+
+
+_deferred = _ThreadDeferred()
+
+
+def _defer(tensor: Tensor, entry: _Deferred) -> None:
+    table = _deferred.by_tensor
+    key = id(tensor)
+    # The table forgets a tensor when it dies (the callback captures this thread's table).
+    entry.tensor_ref = weakref.ref(tensor, lambda _ref, key=key, table=table: table.pop(key, None))
+    table[key] = entry
+
+
+def _claim(tensor: Tensor) -> _Deferred | None:
+    entry = _deferred.by_tensor.pop(id(tensor), None)
+    if entry is None or entry.tensor_ref() is not tensor:
+        return None
+    return entry
+
+
+def _released(tensor: Tensor) -> None:
+    """A consumer dropped ``tensor``: encode it in the node that deferred it, if any."""
+    entry = _claim(tensor)
+    if entry is None or tensor._version != entry.version:
+        return  # modified in place since: leave stock's version check to report it
+    if entry.holder is not None:
+        entry.holder.encode(tensor)
+        encoded = entry.holder.kept_tensors()
+    else:
+        holder = _Encoded(entry.codec, None)
+        getattr(entry.node, entry.slot).register_hooks(holder.pack, holder.unpack)
+        encoded = holder.kept
+    delta = accounting.storage_bytes(encoded) - entry.nbytes
+    for tally in entry.tallies:
+        tally.reencode(EncodeWhenReleased.label, entry.codec.name, delta)
+
+
+def release(tensors) -> None:
+    """Consumers that read but do not keep these tensors: encode any deferred ones."""
+    for tensor in tensors:
+        _released(tensor)
+
+
+def _kept(tensor: Tensor) -> None:
+    """A consumer keeps ``tensor``: whoever deferred its encoding keeps it for free."""
+    if _deferred.by_tensor:
+        _claim(tensor)
+
+
+def forget_deferred() -> None:
+    """Drop pending encodings (the outermost mode of this thread exited)."""
+    _deferred.by_tensor.clear()
+
+
+# -- the user's default hooks -----------------------------------------------------------
+def default_hooks() -> Hooks | None:
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+
+def is_checkpoint_hooks(hooks: Hooks) -> bool:
+    """Non-reentrant checkpointing's forward or recomputation hooks."""
+    qualname = getattr(hooks[0], "__qualname__", "")
+    return "_checkpoint_hook" in qualname or "_recomputation_hook" in qualname
+
+
+def run_without_default_hooks(call: Callable[[], Any]) -> Any:
+    """Run ``call`` with the saved-tensor default hooks stack emptied, then restore it."""
+    popped = []
+    while (hooks := torch._C._autograd._top_saved_tensors_default_hooks(False)) is not None:
+        popped.append(hooks)
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+    try:
+        return call()
+    finally:
+        for pack, unpack in reversed(popped):
+            torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+_SLOT_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _slot_names(node) -> tuple[str, ...]:
+    kind = type(node)
+    names = _SLOT_NAMES.get(kind)
+    if names is None:
+        names = _SLOT_NAMES.setdefault(
+            kind, tuple(n[len("_raw_saved_") :] for n in dir(node) if n.startswith("_raw_saved_"))
+        )
+    return names
+
+
+def _register_user_hooks(slot, user_hooks: Hooks) -> None:
+    slots = slot if isinstance(slot, (list, tuple)) else (slot,)
+    for one in slots:
+        try:
+            one.register_hooks(*user_hooks)
+        except RuntimeError:
+            pass  # an undefined optional tensor: stock packs nothing there either
+
+
+# -- applying a policy ------------------------------------------------------------------
+def apply_policy(
+    op, family: str, saved: Mapping[str, Saved], node, user_hooks: Hooks | None, modes: list
+) -> None:
+    """Carry out ``saved`` on ``node``, the node stock just created; count it in ``modes``."""
+    tracing = torch.compiler.is_compiling()
+    stock_tensors, kept_tensors, labels = [], [], []
+    decided_slots = []  # slots given hooks of ours; the user's hooks go on all the others
+    deferred = []
+    for name, (tensor, decision) in saved.items():
+        if tensor is None:
+            continue
+        stock_tensors.append(tensor)
+        if decision is KEEP:
+            kept_tensors.append(tensor)
+            _kept(tensor)
+            continue
+        labels.append(decision.label)
+        slot = getattr(node, "_raw_saved_" + name)
+        if decision is DROP:
+            holder = _Ghosted()
+            slot.register_hooks(holder.pack, holder.unpack)
+            _released(tensor)
+        elif isinstance(decision, Encode):
+            holder = _Encoded(decision.codec, user_hooks)
+            slot.register_hooks(holder.pack, holder.unpack)
+            kept_tensors.extend(holder.kept_tensors())
+        elif isinstance(decision, EncodeWhenReleased):
+            holder = None
+            if user_hooks is not None:
+                holder = _Encoded(decision.codec, user_hooks, deferred=True)
+                slot.register_hooks(holder.pack, holder.unpack)
+            kept_tensors.append(tensor)
+            if not tracing:
+                deferred.append((tensor, name, decision.codec, holder))
+        else:
+            raise TypeError(f"unknown saving decision {decision!r} for {op} slot {name!r}")
+        if user_hooks is not None and holder is not None:
+            decided_slots.append(name)
+    if user_hooks is not None:
+        for name in _slot_names(node):
+            if name not in decided_slots:
+                _register_user_hooks(getattr(node, "_raw_saved_" + name), user_hooks)
+    stock_bytes, kept_bytes = accounting.stock_and_kept_bytes(stock_tensors, kept_tensors, tracing)
+    tallies = [mode._tally(op, family) for mode in modes]
+    for tally in tallies:
+        tally.add_handled(stock_bytes, kept_bytes, tracing, labels)
+    for tensor, name, codec, holder in deferred:
+        nbytes = accounting.storage_bytes((tensor,))
+        _defer(tensor, _Deferred(tensor, node, "_raw_saved_" + name, codec, holder, tallies, nbytes))

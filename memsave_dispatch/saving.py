@@ -1,0 +1,232 @@
+"""Building blocks for handlers: keep-or-ghost saving and 1-bit masks.
+
+Backward kernels often take a tensor only for its shape, strides and dtype (the input of a
+pooling layer, the input of a convolution when only the input gradient is wanted). A handler
+drops such a tensor in forward and hands backward a *ghost*: a tensor with the very same
+sizes, strides, dtype and alignment whose memory is never allocated.
+
+Why not a zero-stride ``torch.empty(()).expand(shape)``: measured on CPU, kernels take a
+different path for it (channels_last gradients come back contiguous, batch-norm reductions
+change order and bits) and several copy it to a full-size buffer (``convolution_backward``
+calls ``input.contiguous()``). A ghost with the original strides takes the stock path, and on
+CPU it views a private anonymous mapping that is only ever read, so every page is the
+kernel's shared zero page: no physical memory, no allocator traffic.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+import sys
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "TensorLayout",
+    "BitMask",
+    "Codec",
+    "ZeroMaskCodec",
+    "save_needed",
+    "load_saved",
+    "ghost_like",
+]
+
+_ALIGNMENT = 64  # bytes; CPU allocations are 64-byte aligned, ghosts keep the same phase
+
+
+class _ZeroPages:
+    """One growing anonymous mapping, only ever read, shared by all CPU ghosts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._nbytes = 0
+        self._views: dict[torch.dtype, Tensor] = {}
+
+    def view(self, dtype: torch.dtype, nbytes: int) -> Tensor:
+        """A 1-d ``dtype`` view of at least ``nbytes`` zero bytes."""
+        if nbytes > self._nbytes:
+            self._grow(nbytes)
+        view = self._views.get(dtype)
+        if view is None:
+            view = self._views.setdefault(dtype, self._views[torch.uint8].view(dtype))
+        return view
+
+    def _grow(self, nbytes: int) -> None:
+        with self._lock:
+            if nbytes <= self._nbytes:
+                return
+            size = max(1 << 20, 1 << (nbytes - 1).bit_length())
+            pages = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            # Older regions live on while ghosts still view them.
+            self._views = {torch.uint8: torch.frombuffer(pages, dtype=torch.uint8)}
+            self._nbytes = size
+
+
+_zero_pages = _ZeroPages()
+
+
+class TensorLayout(NamedTuple):
+    """Everything a backward kernel may read from a tensor except its values."""
+
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    phase: int  # data pointer modulo the allocator alignment, in elements; -1: no data
+
+    @classmethod
+    def of(cls, tensor: Tensor) -> TensorLayout:
+        if tensor.__class__ is Tensor or tensor.__class__ is torch.nn.Parameter:
+            phase = (tensor.data_ptr() % _ALIGNMENT) // tensor.element_size()
+        else:  # tracing tensors (functional, fake) have no address
+            phase = -1
+        return cls(tensor.shape, tensor.stride(), tensor.dtype, tensor.device, phase)
+
+    def ghost(self) -> Tensor:
+        return ghost_like(self)
+
+
+def ghost_like(layout: TensorLayout) -> Tensor:
+    """A tensor laid out exactly as ``layout`` whose values are zeros it never allocated.
+
+    Only for reading: backward kernels use it for sizes, strides and dispatch decisions.
+    Off CPU (and under tracing) a zero-stride expand stands in; those backends are not
+    verified bit-exact yet.
+    """
+    if layout.phase < 0 or layout.device.type != "cpu":
+        return torch.empty((), dtype=layout.dtype, device=layout.device).expand(layout.shape)
+    extent = 0 if 0 in layout.shape else 1 + sum((n - 1) * step for n, step in zip(layout.shape, layout.stride))
+    nbytes = (layout.phase + extent) * layout.dtype.itemsize + _ALIGNMENT
+    zeros = _zero_pages.view(layout.dtype, nbytes)
+    return zeros.as_strided(layout.shape, layout.stride, layout.phase)
+
+
+def save_needed(ctx, *candidates: tuple[Tensor | None, bool]) -> None:
+    """Save each tensor whose flag is true; remember only the layout of the others.
+
+    Everything kept goes through ``ctx.save_for_backward`` so that saved-tensor hooks,
+    ``save_on_cpu`` and in-place version checks see it.
+    """
+    ctx.save_for_backward(*(tensor if keep else None for tensor, keep in candidates))
+    ctx.ghost_layouts = tuple(
+        TensorLayout.of(tensor) if tensor is not None and not keep else None
+        for tensor, keep in candidates
+    )
+
+
+def load_saved(ctx) -> tuple[Tensor | None, ...]:
+    """The tensors given to :func:`save_needed`, with ghosts for the ones it dropped."""
+    return tuple(
+        layout.ghost() if layout is not None else tensor
+        for tensor, layout in zip(ctx.saved_tensors, ctx.ghost_layouts)
+    )
+
+
+class BitMask(NamedTuple):
+    """A boolean tensor stored as 1 bit per element (uint8 words), plus its layout.
+
+    Bits follow the mask's memory order, so unpacking restores the exact strides and a
+    backward computed from it allocates its output in the same layout as stock.
+    """
+
+    shape: torch.Size
+    stride: tuple[int, ...]
+    numel: int
+
+    @staticmethod
+    def pack(mask: Tensor) -> tuple[Tensor, BitMask]:
+        """Pack a freshly computed (dense, offset-0) bool tensor into bits."""
+        numel = mask.numel()
+        flat = mask.as_strided((numel,), (1,))
+        if numel % 8:
+            flat = torch.cat([flat, flat.new_zeros(8 - numel % 8)])
+        words = flat.view(torch.uint8).view(torch.int64)  # eight 0/1 bytes per word
+        return _gather_bits(words), BitMask(mask.shape, mask.stride(), numel)
+
+    def lookup(self, bits: Tensor, table: Tensor) -> Tensor:
+        """Every bit through ``table`` (256 x 8: the eight values of each byte pattern), laid
+        out like the packed mask: one gather per byte of bits, no per-bit arithmetic."""
+        values = torch.index_select(table, 0, bits.to(torch.int32)).view(-1)
+        return values[: self.numel].as_strided(self.shape, self.stride)
+
+    def unpack(self, bits: Tensor) -> Tensor:
+        """The bool mask itself."""
+        return self.lookup(bits, _BIT_VALUES[torch.bool])
+
+
+def _gather_bits_by_shifts(words: Tensor) -> Tensor:
+    """uint8 per int64 word of eight 0/1 bytes: byte j's bit becomes bit j."""
+    gathered = words >> 7
+    gathered |= words
+    gathered |= gathered >> 14
+    gathered |= gathered >> 28
+    return gathered.to(torch.uint8)
+
+
+def _gather_bits_by_multiply(words: Tensor) -> Tensor:
+    """Same in fewer passes: one multiply lines the eight bits up in the top byte, which is
+    read in place (little-endian byte 7). Relies on int64 products wrapping around and on
+    the byte order; both are checked once at import."""
+    return (words * 0x0102040810204080).view(torch.uint8)[7::8].clone()
+
+
+def _pick_gather() -> Callable[[Tensor], Tensor]:
+    patterns = torch.tensor([[(byte >> j) & 1 for j in range(8)] for byte in range(256)], dtype=torch.uint8)
+    words = patterns.view(torch.int64).view(-1)
+    expected = torch.arange(256).to(torch.uint8)
+    if sys.byteorder == "little" and torch.equal(_gather_bits_by_multiply(words), expected):
+        return _gather_bits_by_multiply
+    return _gather_bits_by_shifts
+
+
+def _bit_values(dtype: torch.dtype) -> Tensor:
+    """256 x 8 table: entry [byte, j] is 1 if bit j of ``byte`` is set, else 0, in ``dtype``."""
+    return torch.tensor([[(byte >> j) & 1 for j in range(8)] for byte in range(256)]).to(dtype)
+
+
+# Built at import: a table first built while torch.compile traces would be a fake tensor.
+_BIT_VALUES = {
+    dtype: _bit_values(dtype)
+    for dtype in (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
+_gather_bits = _pick_gather()
+
+
+class Codec:
+    """A compact, exact stand-in for a saved tensor.
+
+    ``encode`` runs when the tensor would be saved and returns the tensors to keep plus
+    metadata; ``decode`` runs in backward and returns a tensor that the stock backward
+    formula reads exactly as it would read the original.
+    """
+
+    name: str = "encoded"
+
+    def encode(self, tensor: Tensor) -> tuple[tuple[Tensor, ...], object]:
+        raise NotImplementedError
+
+    def decode(self, kept: tuple[Tensor, ...], meta: object) -> Tensor:
+        raise NotImplementedError
+
+
+class ZeroMaskCodec(Codec):
+    """For a saved tensor that backward only compares with zero (a ReLU output, read by
+    ``threshold_backward`` as ``y <= 0``): one bit per element, ``y != 0``.
+
+    Decoded as 1.0/0.0 in the original dtype and layout. ``bool(NaN)`` is True and
+    ``bool(-0.0)`` is False, so ``decoded <= 0`` equals ``y <= 0`` for every value a ReLU
+    can produce, NaN and -0.0 included.
+    """
+
+    name = "1-bit mask"
+
+    def encode(self, tensor: Tensor) -> tuple[tuple[Tensor, ...], object]:
+        bits, mask = BitMask.pack(tensor.bool())
+        return (bits,), (mask, tensor.dtype)
+
+    def decode(self, kept: tuple[Tensor, ...], meta: object) -> Tensor:
+        mask, dtype = meta
+        return mask.lookup(kept[0], _BIT_VALUES[dtype])

@@ -1,0 +1,96 @@
+"""ReLU (aten.relu, aten.relu_): 1-bit masks, exact on NaN, +-inf and -0.0."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests._compare import DTYPES, compare_with_stock
+
+SPECIAL = [math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-45, -1e-45, 1.0, -1.0]
+
+
+def _input(shape, dtype, channels_last=False):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    flat = x.view(-1)
+    flat[: len(SPECIAL)] = torch.tensor(SPECIAL, dtype=torch.float64).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _special_gradients(out):
+    """Make the gradient flowing back into ``out`` carry NaN, inf and -0.0 too."""
+    scale = torch.ones(out.numel(), dtype=out.dtype)
+    scale[: len(SPECIAL)] = torch.tensor(SPECIAL, dtype=torch.float64).to(out.dtype)
+    scale = scale.view(out.shape)
+    out.register_hook(lambda grad: grad * scale)
+    return out
+
+
+RELUS = {
+    "relu": (lambda x: F.relu(x * 1), "aten.relu.default"),
+    "relu_": (lambda x: F.relu(x * 1, inplace=True), "aten.relu_.default"),
+    "module-inplace": (lambda x: torch.nn.ReLU(inplace=True)(x * 1), "aten.relu_.default"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELUS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", (False, True))
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (4, 4, 8, 8)], ids=["odd", "even"])
+def test_relu_before_a_consumer_that_drops_it_keeps_one_bit(name, dtype, channels_last, shape):
+    """relu -> 1x1 average pool (which keeps nothing): the ReLU keeps 1 bit per element.
+    Inputs and incoming gradients include NaN, +-inf, +-0.0 and denormals."""
+    relu, op = RELUS[name]
+    x = _input(shape, dtype, channels_last).requires_grad_(True)
+    stock, mode = compare_with_stock(lambda x: _special_gradients(F.avg_pool2d(relu(x), 1)), {"x": x})
+    assert stock.saved_bytes == x.numel() * x.element_size()  # the ReLU output (the pool keeps it too)
+    assert mode.saved_bytes == -(-x.numel() // 8)  # ceil(n / 8) bytes of mask
+    assert mode.report[op].encodings == {"1-bit mask": 1}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inplace", (False, True))
+def test_relu_alone_before_a_dropping_consumer_keeps_exactly_the_bits(dtype, inplace):
+    x = _input((3, 4, 5, 6), dtype).requires_grad_(True)
+
+    def run(x):
+        return F.relu(x * 1, inplace=inplace).mean((2, 3))
+
+    stock, mode = compare_with_stock(run, {"x": x})
+    assert stock.saved_bytes == x.numel() * x.element_size()
+    assert mode.saved_bytes == -(-x.numel() // 8)
+
+
+def test_relu_output_kept_by_the_next_layer_costs_nothing_extra():
+    """relu -> trainable conv: the conv keeps the activation, so the ReLU keeps it too (shared)."""
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+    stock, mode = compare_with_stock(lambda x, w: F.conv2d(F.relu(x * 1), w), {"x": x, "w": w}, state=("w",))
+    assert mode.saved_bytes == stock.saved_bytes
+    assert mode.report["aten.relu.default"].encodings == {"kept (shared with consumer)": 1}
+
+
+def test_relu_modified_in_place_before_the_consumer_is_left_to_stock():
+    """If the output changes in place after the ReLU, stock's version check must still fire."""
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    from memsave_dispatch import MemSaveMode
+
+    for use_mode in (False, True):
+        with MemSaveMode() if use_mode else torch.enable_grad():
+            y = F.relu(x * 1)
+            y.add_(1)
+            out = F.adaptive_avg_pool2d(y, 2)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                out.sum().backward()
+
+
+def test_relu_on_a_strided_view():
+    base = torch.randn(4, 6, 8, requires_grad=True)
+    stock, mode = compare_with_stock(lambda base: F.relu(base[:, ::2, 1:] * 1).mean(-1), {"base": base})
+    assert mode.saved_bytes < stock.saved_bytes

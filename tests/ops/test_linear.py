@@ -1,0 +1,39 @@
+"""addmm / mm (nn.Linear): stock already keeps the minimum; handled, counted, unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memsave_dispatch import MemSaveMode
+from tests._compare import DTYPES, compare_with_stock, requires_grad_patterns
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (2, 3, 4), (2, 2, 3, 4)], ids=["2d", "3d", "4d"])
+@pytest.mark.parametrize("bias", (True, False))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pattern", requires_grad_patterns("xwb"))
+def test_linear_matches_stock_and_keeps_the_same(shape, bias, dtype, pattern):
+    need_x, need_w, need_b = pattern
+    if not bias and not (need_x or need_w):
+        pytest.skip("nothing requires grad")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype).requires_grad_(need_x)
+    w = nn.Parameter(torch.randn(3, 4, generator=generator, dtype=torch.float64).to(dtype), requires_grad=need_w)
+    b = nn.Parameter(torch.randn(3, generator=generator, dtype=torch.float64).to(dtype), requires_grad=need_b) if bias else None
+    stock, mode = compare_with_stock(lambda x, w, b: F.linear(x, w, b), {"x": x, "w": w, "b": b}, state=("w", "b"))
+    assert mode.saved_bytes == stock.saved_bytes
+    expected = x.numel() * x.element_size() if need_w else 0
+    assert mode.saved_bytes == expected
+
+
+def test_linear_keeps_stock_grad_fn_and_is_counted():
+    layer = nn.Linear(4, 3)
+    x = torch.randn(5, 4, requires_grad=True)
+    stock_fn = type(layer(x).grad_fn)
+    with MemSaveMode() as mode:
+        out = layer(x)
+    assert type(out.grad_fn) is stock_fn
+    assert mode.report()["aten.addmm.default"].handled == 1

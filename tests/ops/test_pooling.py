@@ -1,0 +1,104 @@
+"""Max and average pooling (1-d via 2-d, 2-d, 3-d, adaptive) against stock PyTorch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memsave_dispatch import MemSaveMode
+from tests._compare import DTYPES, compare_with_stock
+
+FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+MAX_POOLS = {
+    "max1d": (1, lambda x: F.max_pool1d(x, 3, stride=2)),
+    "max1d-pad-dil-ceil": (1, lambda x: F.max_pool1d(x, 3, stride=2, padding=1, dilation=2, ceil_mode=True)),
+    "max2d": (2, lambda x: F.max_pool2d(x, 2)),
+    "max2d-k3s2p1": (2, lambda x: F.max_pool2d(x, 3, stride=2, padding=1)),
+    "max2d-dil-ceil": (2, lambda x: F.max_pool2d(x, 3, stride=2, dilation=2, ceil_mode=True)),
+    "max2d-return-indices": (2, lambda x: F.max_pool2d(x, 2, return_indices=True)),
+    "max3d": (3, lambda x: F.max_pool3d(x, 2)),
+    "max3d-k3s2p1-ceil": (3, lambda x: F.max_pool3d(x, 3, stride=2, padding=1, ceil_mode=True)),
+    "adaptive-max1d": (1, lambda x: F.adaptive_max_pool1d(x, 3)),
+    "adaptive-max2d": (2, lambda x: F.adaptive_max_pool2d(x, (3, 2))),
+    "adaptive-max2d-indices": (2, lambda x: F.adaptive_max_pool2d(x, 3, return_indices=True)),
+    "adaptive-max3d": (3, lambda x: F.adaptive_max_pool3d(x, 2)),
+}
+
+AVG_POOLS = {
+    "avg1d": (1, lambda x: F.avg_pool1d(x, 3, stride=2)),
+    "avg1d-pad-ceil-exclude": (1, lambda x: F.avg_pool1d(x, 3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)),
+    "avg2d": (2, lambda x: F.avg_pool2d(x, 2)),
+    "avg2d-divisor": (2, lambda x: F.avg_pool2d(x, 3, stride=2, padding=1, divisor_override=5)),
+    "avg2d-ceil-exclude": (2, lambda x: F.avg_pool2d(x, 3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)),
+    "avg3d": (3, lambda x: F.avg_pool3d(x, 2)),
+    "avg3d-pad-divisor": (3, lambda x: F.avg_pool3d(x, 3, stride=2, padding=1, divisor_override=7)),
+    "adaptive-avg1d": (1, lambda x: F.adaptive_avg_pool1d(x, 3)),
+    "adaptive-avg2d": (2, lambda x: F.adaptive_avg_pool2d(x, (3, 2))),
+    "adaptive-avg3d": (3, lambda x: F.adaptive_avg_pool3d(x, 2)),
+    "global-avg2d": (2, lambda x: F.adaptive_avg_pool2d(x, 1)),
+}
+
+
+def _input(dims, dtype, channels_last, size=7):
+    x = torch.randn(2, 3, *(size,) * dims, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x.to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=FORMATS[x.dim()])
+    return x.requires_grad_(True)
+
+
+def _skip_if_stock_lacks_a_kernel(pool, x):
+    """Where stock has no kernel (avg_pool3d in bf16 on CPU), the mode must fail alike."""
+    try:
+        pool(x.detach())
+    except NotImplementedError as stock_error:
+        with pytest.raises(NotImplementedError, match=str(stock_error).split(" not implemented")[0]):
+            with MemSaveMode():
+                pool(x)
+        pytest.skip(f"stock: {stock_error}")
+
+
+def _indices_bytes(run) -> int:
+    """Bytes of the int64 argmax indices the stock op returns (what max pooling keeps)."""
+    with torch.no_grad():
+        outputs = run()
+    out = outputs[0] if isinstance(outputs, tuple) else outputs
+    return out.numel() * 8
+
+
+@pytest.mark.parametrize("name", sorted(MAX_POOLS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", (False, True))
+def test_max_pool_keeps_only_the_indices(name, dtype, channels_last):
+    dims, pool = MAX_POOLS[name]
+    if channels_last and dims == 1:
+        pytest.skip("no channels_last for 1-d")
+    x = _input(dims, dtype, channels_last)
+    _skip_if_stock_lacks_a_kernel(pool, x)
+    stock, mode = compare_with_stock(pool, {"x": x})
+    x_bytes = x.numel() * x.element_size()
+    indices = _indices_bytes(lambda: pool(x))
+    assert stock.saved_bytes == x_bytes + indices
+    assert mode.saved_bytes == indices
+
+
+@pytest.mark.parametrize("name", sorted(AVG_POOLS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", (False, True))
+def test_avg_pool_keeps_nothing(name, dtype, channels_last):
+    dims, pool = AVG_POOLS[name]
+    if channels_last and dims == 1:
+        pytest.skip("no channels_last for 1-d")
+    x = _input(dims, dtype, channels_last)
+    _skip_if_stock_lacks_a_kernel(pool, x)
+    stock, mode = compare_with_stock(pool, {"x": x})
+    assert mode.saved_bytes == 0
+    assert mode.saved_bytes <= stock.saved_bytes
+
+
+def test_max_pool_on_a_non_contiguous_view():
+    base = torch.randn(2, 3, 9, 12, requires_grad=True)
+    stock, mode = compare_with_stock(lambda base: F.max_pool2d(base[:, :, 1:, ::2], 2), {"base": base})
+    assert mode.saved_bytes < stock.saved_bytes
