@@ -2,9 +2,15 @@
 
 A ``TorchDispatchMode`` runs below autograd, after autograd has already decided what to
 save, so it cannot save anything. Replacing the operator's kernel at the Autograd dispatch
-key (``AutogradCPU``...) does: every entry point (``F.conv2d``, ``nn.Conv2d``, functional
-code, C++ decompositions) reaches it, autocast has already cast the arguments, and the
-kernel can hand the call to an ``autograd.Function`` that saves less.
+key does: every entry point (``F.conv2d``, ``nn.Conv2d``, functional code, C++
+decompositions) reaches it, autocast has already cast the arguments, and the kernel decides
+what the backward node keeps.
+
+The kernel is registered for the ``Autograd`` alias key, not ``AutogradCPU``: the Python
+dispatcher that torch.compile traces with resolves an operator's autograd kernel through the
+alias, so a per-backend registration would be bypassed while compiling. The stock kernel of
+every per-backend autograd key is captured first, and each call is forwarded to the one its
+dispatch key set selects.
 
 Registration is process-wide and, in PyTorch's dispatcher, not safe against other threads
 dispatching the same operator at that moment (measured: replacing and restoring a kernel
@@ -18,10 +24,10 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+from torch._C import DispatchKey
 from torch._ops import OpOverload
 from torch.autograd import forward_ad
 from torch.library import Library
@@ -29,9 +35,16 @@ from torch.nn import Parameter
 
 from . import registry
 
-__all__ = ["install", "uninstall", "installed", "active_modes", "AUTOGRAD_KEYS"]
+__all__ = ["install", "uninstall", "installed", "active_modes", "DEVICES"]
 
-AUTOGRAD_KEYS = {"cpu": "AutogradCPU", "cuda": "AutogradCUDA"}
+#: Device types a mode can be asked to handle, by the autograd dispatch key they run under.
+DEVICES = {DispatchKey.AutogradCPU: "cpu", DispatchKey.AutogradCUDA: "cuda"}
+_ALIAS = "Autograd"
+_RUNTIME_KEYS = tuple(
+    getattr(DispatchKey, name)
+    for name in DispatchKey.__members__
+    if name.startswith("Autograd") and name not in ("Autograd", "AutogradFunctionality")
+)
 
 
 class _ThreadState(threading.local):
@@ -41,8 +54,7 @@ class _ThreadState(threading.local):
 
 _thread = _ThreadState()
 _install_lock = threading.RLock()
-_installed: dict[tuple[OpOverload, str], Library] = {}
-_devices_installed: set[str] = set()
+_installed: dict[OpOverload, Library] = {}
 
 
 def active_modes() -> list:
@@ -65,17 +77,15 @@ def pop_mode(mode) -> None:
         policy.forget_deferred()
 
 
-def installed() -> frozenset[tuple[OpOverload, str]]:
+def installed() -> frozenset[OpOverload]:
     return frozenset(_installed)
 
 
-def install(devices: Iterable[str] = ("cpu",)) -> None:
-    """Install the interposing kernels for every registered operator on ``devices``."""
+def install() -> None:
+    """Install the interposing kernel of every registered operator (idempotent)."""
     with _install_lock:
-        for device in devices:
-            _devices_installed.add(device)
-            for op in registry.registered_ops():
-                _install_kernel(op, device)
+        for op in registry.registered_ops():
+            _install_kernel(op)
 
 
 def uninstall() -> None:
@@ -84,13 +94,12 @@ def uninstall() -> None:
         for library in _installed.values():
             library._destroy()
         _installed.clear()
-        _devices_installed.clear()
 
 
 def _on_register(op: OpOverload) -> None:
     with _install_lock:
-        for device in tuple(_devices_installed):
-            _install_kernel(op, device)
+        if _installed:
+            _install_kernel(op)
 
 
 registry.on_register(_on_register)
@@ -98,26 +107,46 @@ registry.on_register(_on_register)
 from . import accounting, policy  # noqa: E402  (both read this module's thread state)
 
 
-def _install_kernel(op: OpOverload, device: str) -> None:
-    if (op, device) in _installed:
+def _install_kernel(op: OpOverload) -> None:
+    if op in _installed:
         return
-    key = AUTOGRAD_KEYS[device]
-    stock = torch.library.get_kernel(op, key)
+    stocks = {}
+    for key in _RUNTIME_KEYS:
+        try:
+            stocks[key] = torch.library.get_kernel(op, key.name)
+        except RuntimeError:
+            pass  # no kernel for that backend
     library = Library("aten", "IMPL")
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
-        library.impl(op, _make_kernel(op, device, stock), key, with_keyset=True)
-    _installed[(op, device)] = library
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+        library.impl(op, _make_kernel(op, stocks), _ALIAS, with_keyset=True)
+    _installed[op] = library
 
 
-def _make_kernel(op: OpOverload, device: str, stock):
+def _keyset_of(keys) -> torch._C.DispatchKeySet:
+    keyset = torch._C.DispatchKeySet(keys[0])
+    for key in keys[1:]:
+        keyset = keyset | torch._C.DispatchKeySet(key)
+    return keyset
+
+
+# Masking a call's key set with this leaves the autograd key it runs under on top (the Python
+# dispatcher, autocast and other keys can sit above it).
+_AUTOGRAD_KEYS = _keyset_of(_RUNTIME_KEYS)
+
+
+def _make_kernel(op: OpOverload, stocks: dict):
+    cpu_stock = stocks.get(DispatchKey.AutogradCPU)
+
     def kernel(keyset, *args, **kwargs):
+        key = (keyset & _AUTOGRAD_KEYS).highestPriorityTypeId()
+        stock = cpu_stock if key == DispatchKey.AutogradCPU else stocks[key]
         modes = _thread.modes
         if not modes:
             return stock.call_boxed(keyset, *args, **kwargs)
-        return _route(op, device, stock, modes[-1], keyset, args, kwargs)
+        return _route(op, DEVICES.get(key), stock, modes[-1], keyset, args, kwargs)
 
-    kernel.__name__ = f"memsave_{op._opname}_{device}"
+    kernel.__name__ = f"memsave_{op._opname}"
     return kernel
 
 
@@ -168,7 +197,7 @@ def _reason_for_stock(entry, device: str, mode, args: tuple, kwargs: dict) -> st
     if not torch.is_grad_enabled():
         return "grad mode off"
     if device not in mode.devices or device not in entry.handler.devices:
-        return f"device {device} not enabled"
+        return f"device {device or 'type'} not enabled"
     if torch._C._are_functorch_transforms_active():
         return "functorch transform"
     if torch._C._get_tracing_state() is not None:
@@ -196,9 +225,12 @@ def _reason_for_stock(entry, device: str, mode, args: tuple, kwargs: dict) -> st
     return None
 
 
+_TRACING_TENSORS = ("FunctionalTensor", "FakeTensor")
+
+
 def _unsupported_tensor_type(kind: type) -> str | None:
-    if kind.__name__ == "FunctionalTensor" and torch.compiler.is_compiling():
-        return None  # AOTAutograd tracing: handle it so the saving survives compilation
+    if kind.__name__ in _TRACING_TENSORS and torch.compiler.is_compiling():
+        return None  # torch.compile tracing: handle it so the saving survives compilation
     if kind.__name__ == "FakeTensor":
         return "fake tensor"
     return f"tensor subclass {kind.__name__}"

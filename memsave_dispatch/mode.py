@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import warnings
 from collections.abc import Iterable
@@ -17,6 +18,45 @@ __all__ = ["MemSaveMode", "VERIFIED_DEVICES"]
 
 OpSelector = Union[OpOverload, OpOverloadPacket, str, type]
 VERIFIED_DEVICES = frozenset({"cpu"})
+
+
+class _CompileCacheTag:
+    """Keeps torch.compile's persistent caches from handing a graph compiled under one saving
+    policy to a compilation under another.
+
+    Dynamo guards on the torch-function mode stack, so in-process code is never reused across
+    the mode boundary. But AOTAutograd's and Inductor's caches key on the captured graph, which
+    the mode does not change (it acts below, at the Autograd kernel), so they would. While any
+    MemSaveMode is active, ``torch.compiler.config.cache_key_tag`` carries the policy of the
+    latest one entered. That setting is process-wide: a thread compiling outside the mode at the
+    same time also gets the tag (it then misses the cache; it never gets a wrong artifact
+    unless two threads compile the same graph under different policies concurrently).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._base = ""
+
+    def enter(self, fingerprint: str) -> None:
+        from torch.compiler import config
+
+        with self._lock:
+            if self._active == 0:
+                self._base = config.cache_key_tag
+            self._active += 1
+            config.cache_key_tag = f"{self._base}|memsave_dispatch:{fingerprint}"
+
+    def exit(self) -> None:
+        from torch.compiler import config
+
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                config.cache_key_tag = self._base
+
+
+_compile_cache_tag = _CompileCacheTag()
 
 
 class MemSaveMode(TorchFunctionMode):
@@ -47,10 +87,10 @@ class MemSaveMode(TorchFunctionMode):
         self._include = None if include is None else tuple(include)
         self._exclude = () if exclude is None else tuple(exclude)
         self.devices = frozenset(devices)
-        unknown = self.devices - set(interposer.AUTOGRAD_KEYS)
-        if unknown:
+        known = set(interposer.DEVICES.values())
+        if self.devices - known:
             raise ValueError(
-                f"unknown device type(s) {sorted(unknown)}; MemSaveMode handles {sorted(interposer.AUTOGRAD_KEYS)}"
+                f"unknown device type(s) {sorted(self.devices - known)}; MemSaveMode handles {sorted(known)}"
             )
         unverified = self.devices - VERIFIED_DEVICES
         if unverified:
@@ -79,12 +119,14 @@ class MemSaveMode(TorchFunctionMode):
     def __enter__(self) -> MemSaveMode:
         self._ops = self._select_ops()
         self._entries = {op: registry.handler_for(op) for op in self._ops}
-        interposer.install(self.devices)
+        interposer.install()
+        _compile_cache_tag.enter(self._fingerprint())
         interposer.push_mode(self)
         try:
             super().__enter__()
         except BaseException:
             interposer.pop_mode(self)
+            _compile_cache_tag.exit()
             raise
         return self
 
@@ -93,6 +135,12 @@ class MemSaveMode(TorchFunctionMode):
             super().__exit__(exc_type, exc, traceback)
         finally:
             interposer.pop_mode(self)
+            _compile_cache_tag.exit()
+
+    def _fingerprint(self) -> str:
+        """Which handler serves which operator, on which devices: what a compiled graph bakes in."""
+        handlers = sorted(f"{op}={entry.handler.__module__}.{entry.handler.__qualname__}" for op, entry in self._entries.items())
+        return hashlib.sha256("\n".join([*handlers, *sorted(self.devices)]).encode()).hexdigest()[:16]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         return func(*args, **(kwargs or {}))
