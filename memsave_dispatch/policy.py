@@ -297,6 +297,11 @@ def apply_policy(
             kept_tensors.append(tensor)
             _kept(tensor)
             continue
+        if not isinstance(decision, Decision):
+            raise TypeError(
+                f"unknown saving decision {decision!r} for {op} slot {name!r}; use KEEP, DROP, "
+                f"Encode(codec) or EncodeWhenReleased(codec)"
+            )
         labels.append(decision.label)
         slot = getattr(node, "_raw_saved_" + name)
         if decision is DROP:
