@@ -83,10 +83,15 @@ def resnet18(num_classes: int = 1000) -> ResNet:
 
 
 class SmallConvNet(nn.Module):
-    """The demo's network: two conv-BN-ReLU-maxpool stages and a linear head."""
+    """The demo's network: two conv-BN-ReLU-maxpool stages and a linear head.
 
-    def __init__(self, num_classes: int = 10, width: int = 32):
+    ``prompt_size``: add a learnable input prompt of that spatial size (visual prompt
+    tuning), so that training it sends gradients through a frozen backbone.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 32, prompt_size: int | None = None):
         super().__init__()
+        self.prompt = None if prompt_size is None else nn.Parameter(torch.zeros(1, 3, prompt_size, prompt_size))
         self.features = nn.Sequential(
             nn.Conv2d(3, width, 3, padding=1, bias=False),
             nn.BatchNorm2d(width),
@@ -101,6 +106,8 @@ class SmallConvNet(nn.Module):
         self.head = nn.Linear(2 * width * 16, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prompt is not None:
+            x = x + self.prompt
         return self.head(torch.flatten(self.features(x), 1))
 
 

@@ -302,7 +302,8 @@ def apply_policy(
                 f"unknown saving decision {decision!r} for {op} slot {name!r}; use KEEP, DROP, "
                 f"Encode(codec) or EncodeWhenReleased(codec)"
             )
-        labels.append(decision.label)
+        if decision.label not in labels:  # one count per call and kind of change
+            labels.append(decision.label)
         slot = getattr(node, "_raw_saved_" + name)
         if decision is DROP:
             holder = _Ghosted()
