@@ -144,7 +144,10 @@ def _make_kernel(op: OpOverload, stocks: dict):
         modes = _thread.modes
         if not modes:
             return stock.call_boxed(keyset, *args, **kwargs)
-        return _route(op, DEVICES.get(key), stock, modes[-1], keyset, args, kwargs)
+        # The mode's own __torch_function__ has nothing to do with the library's internal
+        # tensor calls; with it off they skip a Python round trip each.
+        with torch._C.DisableTorchFunction():
+            return _route(op, DEVICES.get(key), stock, modes[-1], keyset, args, kwargs)
 
     kernel.__name__ = f"memsave_{op._opname}"
     return kernel
@@ -160,10 +163,10 @@ def _route(op: OpOverload, device: str, stock, mode, keyset, args: tuple, kwargs
         handler = entry.handler
         if handler.unsupported is not None:
             reason = handler.unsupported(*full_arguments)
+        if reason is None and handler.can_save is not None and not handler.can_save(*full_arguments):
+            reason = "nothing to save"
         if reason is None and entry.is_policy:
             return _run_policy(entry, stock, keyset, args, kwargs, full_arguments)
-        if reason is None and handler.keeps_less is not None and not handler.keeps_less(*full_arguments):
-            reason = "stock keeps no more"
     if reason is not None:
         accounting.record_stock(op, entry.family, reason)
         return stock.call_boxed(keyset, *args, **kwargs)

@@ -116,7 +116,8 @@ class _Ghosted:
         self.layout = TensorLayout.of(tensor)
 
     def unpack(self, _packed: None) -> Tensor:
-        return self.layout.ghost()
+        with torch._C.DisableTorchFunction():
+            return self.layout.ghost()
 
     def kept_tensors(self) -> tuple[Tensor, ...]:
         return ()
@@ -152,7 +153,8 @@ class _Encoded:
         kept = tuple(self._user_unpack(p) for p in self.kept)
         if self.deferred:
             return kept[0]
-        return self.codec.decode(kept, self.meta)
+        with torch._C.DisableTorchFunction():
+            return self.codec.decode(kept, self.meta)
 
     def _user_pack(self, tensor: Tensor) -> Any:
         return tensor if self.user_hooks is None else self.user_hooks[0](tensor)

@@ -68,6 +68,10 @@ class _HandlerBase:
     unsupported: ClassVar[Callable[..., str | None] | None] = None
     """``unsupported(*args) -> str | None``: a reason to leave this call to stock PyTorch
     (counted in the report), or None to handle it."""
+    can_save: ClassVar[Callable[..., bool] | None] = None
+    """``can_save(*args) -> bool``, decided before the call: False when handling it cannot
+    reduce what is kept (every tensor stock keeps is needed). The call then runs stock
+    untouched, counted as "nothing to save", and skips the handler's overhead."""
 
 
 class SavingPolicy(_HandlerBase):
@@ -92,8 +96,6 @@ class Handler(_HandlerBase):
 
     Optional hooks:
 
-    - ``keeps_less(*args) -> bool``: False when, for these arguments, the handler would keep
-      what stock keeps anyway; the call then runs stock and skips the handler's overhead.
     - ``stock_saved(args, outputs) -> Iterable[Tensor | None]``: the tensors stock autograd
       would have kept for this call, for the report's "stock keeps" column. None: unknown.
 
@@ -103,7 +105,6 @@ class Handler(_HandlerBase):
 
     forward: ClassVar[Callable[..., Any]]
     backward: ClassVar[Callable[..., Any]]
-    keeps_less: ClassVar[Callable[..., bool] | None] = None
     stock_saved: ClassVar[Callable[[tuple, tuple], Iterable[Tensor | None]] | None] = None
 
 

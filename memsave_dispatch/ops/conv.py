@@ -27,10 +27,18 @@ class Convolution(SavingPolicy):
     family = "conv"
 
     @staticmethod
+    def can_save(input, weight, *_params):
+        return not weight.requires_grad or _drops_weight(input, weight)
+
+    @staticmethod
     def saved(args, outputs):
         input, weight = args[0], args[1]
-        drop_weight = not input.requires_grad and not isinstance(weight, Parameter)
         return {
             "input": Saved(input, KEEP if weight.requires_grad else DROP),
-            "weight": Saved(weight, DROP if drop_weight else KEEP),
+            "weight": Saved(weight, DROP if _drops_weight(input, weight) else KEEP),
         }
+
+
+def _drops_weight(input, weight) -> bool:
+    """A weight that is an activation (not a parameter) is dropped when x needs no gradient."""
+    return not input.requires_grad and not isinstance(weight, Parameter)

@@ -1,7 +1,8 @@
 """Matrix products that ``nn.Linear`` reaches: ``addmm`` (with bias) and ``mm`` (without).
 
 Stock autograd already saves per requested gradient here (grad_mat1 needs mat2, grad_mat2
-needs mat1): these keep stock's node untouched and are only counted in the report.
+needs mat1): these keep stock's node untouched. When the weight is frozen, the input is not
+kept, which lets a deferred encoding of it (a ReLU output) happen.
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ class Addmm(SavingPolicy):
     family = "linear"
 
     @staticmethod
+    def can_save(bias, mat1, mat2, *_scalars):
+        return not mat2.requires_grad  # mat1 is then released to whoever deferred encoding it
+
+    @staticmethod
     def saved(args, outputs):
         return _product_operands(args[1], args[2])
 
     @staticmethod
     def released(bias, mat1, mat2, *_scalars):
-        return () if mat2.requires_grad else (mat1,)
+        return (mat1,)
 
 
 @register_handler(aten.mm.default)
@@ -43,10 +48,14 @@ class Mm(SavingPolicy):
     family = "linear"
 
     @staticmethod
+    def can_save(self, mat2):
+        return not mat2.requires_grad
+
+    @staticmethod
     def saved(args, outputs):
         operands = _product_operands(args[0], args[1])
         return {"self": operands["mat1"], "mat2": operands["mat2"]}
 
     @staticmethod
     def released(self, mat2):
-        return () if mat2.requires_grad else (self,)
+        return (self,)

@@ -29,10 +29,13 @@ class NativeBatchNorm(SavingPolicy):
     family = "norm"
 
     @staticmethod
+    def can_save(input, weight, _bias, _running_mean, _running_var, training, *_):
+        return not _needs_input(input, weight, training)
+
+    @staticmethod
     def saved(args, outputs):
         input, weight, _bias, running_mean, running_var, training = args[:6]
-        need_input = (weight is not None and weight.requires_grad) or (training and input.requires_grad)
-        keep_input = KEEP if need_input else DROP
+        keep_input = KEEP if _needs_input(input, weight, training) else DROP
         return {
             "input": Saved(input, keep_input),
             "weight": Saved(weight, KEEP),
@@ -41,3 +44,7 @@ class NativeBatchNorm(SavingPolicy):
             "result1": Saved(outputs[1], keep_input),  # batch mean (empty in eval mode)
             "result2": Saved(outputs[2], keep_input),  # batch inverse std
         }
+
+
+def _needs_input(input, weight, training) -> bool:
+    return (weight is not None and weight.requires_grad) or (training and input.requires_grad)

@@ -29,11 +29,16 @@ def test_linear_matches_stock_and_keeps_the_same(shape, bias, dtype, pattern):
     assert mode.saved_bytes == expected
 
 
-def test_linear_keeps_stock_grad_fn_and_is_counted():
-    layer = nn.Linear(4, 3)
+@pytest.mark.parametrize("frozen", (True, False))
+def test_linear_keeps_stock_grad_fn_and_is_counted(frozen):
+    layer = nn.Linear(4, 3).requires_grad_(not frozen)
     x = torch.randn(5, 4, requires_grad=True)
     stock_fn = type(layer(x).grad_fn)
     with MemSaveMode() as mode:
         out = layer(x)
     assert type(out.grad_fn) is stock_fn
-    assert mode.report()["aten.addmm.default"].handled == 1
+    line = mode.report()["aten.addmm.default"]
+    if frozen:  # handled: the input is released (nothing keeps it)
+        assert line.handled == 1 and line.stock_bytes == line.kept_bytes == 0
+    else:  # grad_W needs x: nothing to save
+        assert line.handled == 0 and line.to_stock == {"nothing to save": 1}
