@@ -107,15 +107,27 @@ registry.on_register(_on_register)
 from . import accounting, policy  # noqa: E402  (both read this module's thread state)
 
 
+_stock_kernels: dict[OpOverload, dict] = {}
+
+
+def _stock_kernels_of(op: OpOverload) -> dict:
+    """The stock kernel of every per-backend autograd key, captured once (before ours)."""
+    stocks = _stock_kernels.get(op)
+    if stocks is None:
+        stocks = {}
+        for key in _RUNTIME_KEYS:
+            try:
+                stocks[key] = torch.library.get_kernel(op, key.name)
+            except RuntimeError:
+                pass  # no kernel for that backend
+        _stock_kernels[op] = stocks
+    return stocks
+
+
 def _install_kernel(op: OpOverload) -> None:
     if op in _installed:
         return
-    stocks = {}
-    for key in _RUNTIME_KEYS:
-        try:
-            stocks[key] = torch.library.get_kernel(op, key.name)
-        except RuntimeError:
-            pass  # no kernel for that backend
+    stocks = _stock_kernels_of(op)
     library = Library("aten", "IMPL")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
