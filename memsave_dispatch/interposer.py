@@ -169,14 +169,16 @@ def _route(op: OpOverload, device: str, stock, mode, keyset, args: tuple, kwargs
     entry = mode._entries.get(op)  # the handlers this mode enabled, as of its entry
     if entry is None:
         return stock.call_boxed(keyset, *args, **kwargs)
-    reason = _reason_for_stock(entry, device, mode, args, kwargs)
-    if reason is None:
-        full_arguments = entry.full_arguments(args, kwargs)
-        handler = entry.handler
-        if handler.unsupported is not None:
+    handler = entry.handler
+    full_arguments = entry.full_arguments(args, kwargs)
+    if not torch.is_grad_enabled():
+        reason = "grad mode off"
+    elif handler.can_save is not None and not handler.can_save(*full_arguments):
+        reason = "nothing to save"  # decided first: it is the cheapest way back to stock
+    else:
+        reason = _reason_for_stock(entry, device, mode, args, kwargs)
+        if reason is None and handler.unsupported is not None:
             reason = handler.unsupported(*full_arguments)
-        if reason is None and handler.can_save is not None and not handler.can_save(*full_arguments):
-            reason = "nothing to save"
         if reason is None and entry.is_policy:
             return _run_policy(entry, stock, keyset, args, kwargs, full_arguments)
     if reason is not None:
@@ -209,8 +211,6 @@ def _run_policy(entry, stock, keyset, args: tuple, kwargs: dict, full_arguments:
 
 def _reason_for_stock(entry, device: str, mode, args: tuple, kwargs: dict) -> str | None:
     """Why this call must run stock PyTorch, or None when the handler may take it."""
-    if not torch.is_grad_enabled():
-        return "grad mode off"
     if device not in mode.devices or device not in entry.handler.devices:
         return f"device {device or 'type'} not enabled"
     if torch._C._are_functorch_transforms_active():
