@@ -50,6 +50,7 @@ _RUNTIME_KEYS = tuple(
 class _ThreadState(threading.local):
     def __init__(self) -> None:
         self.modes: list = []  # MemSaveModes entered in this thread, innermost last
+        self.caller_holds_outputs = 0  # > 0 inside a call whose caller keeps every output
 
 
 _thread = _ThreadState()
@@ -75,6 +76,22 @@ def pop_mode(mode) -> None:
             break
     if not modes:
         policy.forget_deferred()
+
+
+def caller_holds_outputs() -> bool:
+    """Whether the Python-level call being dispatched hands all outputs to its caller (a
+    max pool with ``return_indices=True``), as the mode noted in ``__torch_function__``."""
+    return _thread.caller_holds_outputs > 0
+
+
+class holding_outputs:
+    """Context of a call whose caller keeps every output (see :func:`caller_holds_outputs`)."""
+
+    def __enter__(self) -> None:
+        _thread.caller_holds_outputs += 1
+
+    def __exit__(self, *exc_info) -> None:
+        _thread.caller_holds_outputs -= 1
 
 
 def installed() -> frozenset[OpOverload]:
@@ -129,9 +146,16 @@ def _install_kernel(op: OpOverload) -> None:
         return
     stocks = _stock_kernels_of(op)
     library = Library("aten", "IMPL")
+    kernel = _make_kernel(op, stocks)
+    # A composite operator's CompositeImplicitAutograd kernel takes precedence over an
+    # Autograd alias registration, so those get per-backend registrations instead (their
+    # compiled form is decomposed before it reaches autograd anyway).
+    composite = torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")
+    keys = [key.name for key in DEVICES] if composite else [_ALIAS]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
-        library.impl(op, _make_kernel(op, stocks), _ALIAS, with_keyset=True)
+        for key in keys:
+            library.impl(op, kernel, key, with_keyset=True)
     _installed[op] = library
 
 

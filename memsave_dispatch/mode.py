@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Iterable
 from typing import Union
 
+import torch
 from torch._ops import OpOverload, OpOverloadPacket
 from torch.overrides import TorchFunctionMode
 
@@ -57,6 +58,19 @@ class _CompileCacheTag:
 
 
 _compile_cache_tag = _CompileCacheTag()
+
+# Python entry points that always hand max pooling's indices to their caller (the functional
+# forms say so with a ``return_indices`` argument, checked separately).
+_RETURN_INDICES = frozenset(
+    {
+        torch._C._nn.max_pool2d_with_indices,
+        torch._C._nn.max_pool3d_with_indices,
+        torch._C._nn.adaptive_max_pool2d,
+        torch._C._nn.adaptive_max_pool3d,
+        torch.max_pool1d_with_indices,
+        torch.adaptive_max_pool1d,
+    }
+)
 
 
 class MemSaveMode(TorchFunctionMode):
@@ -143,7 +157,12 @@ class MemSaveMode(TorchFunctionMode):
         return hashlib.sha256("\n".join([*handlers, *sorted(self.devices)]).encode()).hexdigest()[:16]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if kwargs.get("return_indices") or func in _RETURN_INDICES:
+            # The caller keeps the argmax indices: re-encoding them would add a copy.
+            with interposer.holding_outputs():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
 
     # -- report ----------------------------------------------------------------------
     def _tally(self, op: OpOverload, family: str) -> OpTally:

@@ -196,7 +196,11 @@ def _defer(tensor: Tensor, entry: _Deferred) -> None:
 
 
 def _claim(tensor: Tensor) -> _Deferred | None:
-    entry = _deferred.by_tensor.pop(id(tensor), None)
+    table = _deferred.by_tensor
+    entry = table.pop(id(tensor), None)
+    if entry is None and tensor._base is not None:
+        tensor = tensor._base  # a consumer of a view consumes its base too
+        entry = table.pop(id(tensor), None)
     if entry is None or entry.tensor_ref() is not tensor:
         return None
     return entry
@@ -205,8 +209,9 @@ def _claim(tensor: Tensor) -> _Deferred | None:
 def _released(tensor: Tensor) -> None:
     """A consumer dropped ``tensor``: encode it in the node that deferred it, if any."""
     entry = _claim(tensor)
-    if entry is None or tensor._version != entry.version:
+    if entry is None or entry.tensor_ref()._version != entry.version:
         return  # modified in place since: leave stock's version check to report it
+    tensor = entry.tensor_ref()
     if entry.holder is not None:
         entry.holder.encode(tensor)
         encoded = entry.holder.kept_tensors()
@@ -295,8 +300,8 @@ def apply_policy(
         if tensor is None:
             continue
         stock_tensors.append(tensor)
-        if decision is KEEP:
-            kept_tensors.append(tensor)
+        if decision is KEEP or (tracing and isinstance(decision, Encode)):
+            kept_tensors.append(tensor)  # (encodings are eager-only: tracing keeps the tensor)
             _kept(tensor)
             continue
         if not isinstance(decision, Decision):

@@ -28,7 +28,8 @@ __all__ = [
     "TensorLayout",
     "BitMask",
     "Codec",
-    "ZeroMaskCodec",
+    "BitMaskCodec",
+    "two_value_table",
     "save_needed",
     "load_saved",
     "ghost_like",
@@ -212,27 +213,44 @@ class Codec:
         raise NotImplementedError
 
 
-class ZeroMaskCodec(Codec):
-    """For a saved tensor that backward only compares with zero (a ReLU output, read by
-    ``threshold_backward`` as ``y <= 0``): one bit per element, ``y != 0``.
+class BitMaskCodec(Codec):
+    """For a saved tensor that backward reads through one yes/no decision per element (ReLU's
+    ``y <= 0``, leaky ReLU's ``x > 0``, hardtanh's ``min < x < max``): keep the decision, one
+    bit per element, and hand backward a stand-in holding ``low`` where the bit is 0 and
+    ``high`` where it is 1 -- two values the stock kernel decides on exactly as it did on the
+    original.
 
-    Decoded as 1.0/0.0 in the original dtype and layout. ``bool(NaN)`` is True and
-    ``bool(-0.0)`` is False, so ``decoded <= 0`` equals ``y <= 0`` for every value a ReLU
-    can produce, NaN and -0.0 included.
+    ``decide(tensor)`` returns the decision as a fresh bool tensor. ``stand_in_dtype`` maps the
+    original dtype to the stand-in's when backward promotes it anyway (a narrower stand-in
+    means fewer bytes to write and read); by default the stand-in keeps the original dtype.
     """
 
     name = "1-bit mask"
 
+    def __init__(self, decide, low: float = 0.0, high: float = 1.0, stand_in_dtype: dict | None = None) -> None:
+        self.decide, self.low, self.high = decide, low, high
+        self.stand_in_dtype = stand_in_dtype or {}
+
     def encode(self, tensor: Tensor) -> tuple[tuple[Tensor, ...], object]:
-        bits, mask = BitMask.pack(tensor.bool())
-        return (bits,), (mask, tensor.dtype)
+        bits, mask = BitMask.pack(self.decide(tensor))
+        return (bits,), (mask, self.stand_in_dtype.get(tensor.dtype, tensor.dtype))
 
     def decode(self, kept: tuple[Tensor, ...], meta: object) -> Tensor:
         mask, dtype = meta
-        return mask.lookup(kept[0], _BIT_VALUES[_STAND_IN_DTYPE.get(dtype, dtype)])
+        return mask.lookup(kept[0], two_value_table(dtype, self.low, self.high))
 
 
-# threshold_backward(grad, y, 0) promotes y to grad's dtype and only compares it with 0, so a
-# 0/1 stand-in of a narrower dtype gives the same result in the same dtype with half the
-# bytes to write and read. (float16 would promote with bfloat16 to float32: it keeps its own.)
-_STAND_IN_DTYPE = {torch.float32: torch.bfloat16, torch.float64: torch.bfloat16}
+def two_value_table(dtype: torch.dtype, low: float, high: float) -> Tensor:
+    """256 x 8 table: entry [byte, j] is ``high`` if bit j of ``byte`` is set, else ``low``."""
+    key = (dtype, low, high)
+    table = _TWO_VALUE_TABLES.get(key)
+    if table is None:
+        bits = _BIT_VALUES[torch.bool]
+        table = torch.where(bits, torch.tensor(high, dtype=dtype), torch.tensor(low, dtype=dtype))
+        _TWO_VALUE_TABLES[key] = table
+    return table
+
+
+# Built at import for the common pairs: a table first built while torch.compile traces would be
+# a fake tensor (encodings are not made while tracing, so the others are safe to build lazily).
+_TWO_VALUE_TABLES: dict[tuple, Tensor] = {(dtype, 0.0, 1.0): table for dtype, table in _BIT_VALUES.items()}

@@ -1,33 +1,135 @@
-"""Activations whose derivative is a 0/1 mask: one bit per element decides every gradient.
+"""Activations whose backward reads the saved tensor through one yes/no decision per element:
+one bit per element reproduces every gradient.
 
-``nn.ReLU``/``F.relu`` reach ``aten.relu``; ``inplace=True`` (as torchvision uses) reaches
-``aten.relu_``. Stock keeps the float output (4 bytes per element in fp32).
+Reached by: ``nn.ReLU``/``F.relu`` (``aten.relu``, ``aten.relu_`` with ``inplace=True``),
+``nn.LeakyReLU`` (``aten.leaky_relu``/``leaky_relu_``), ``nn.Hardtanh``/``nn.ReLU6``/``F.relu6``
+(``aten.hardtanh``/``hardtanh_``), ``nn.Threshold`` (``aten.threshold``/``threshold_``).
+Stock keeps the float input or output (4 bytes per element in fp32).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..policy import EncodeWhenReleased, Saved
+from ..policy import KEEP, Encode, EncodeWhenReleased, Saved
 from ..registry import SavingPolicy, register_handler
-from ..saving import ZeroMaskCodec
+from ..saving import BitMaskCodec
 
 aten = torch.ops.aten
 
-_RELU_MASK = EncodeWhenReleased(ZeroMaskCodec())
+# ReLU's and leaky ReLU's backward compare the saved tensor with 0 after promoting it to the
+# gradient's dtype, so a 0/1 stand-in in bfloat16 decides alike and is half the bytes.
+_NARROW = {torch.float32: torch.bfloat16, torch.float64: torch.bfloat16}
+
+# bool(NaN) is True and bool(-0.0) False: exactly "not y <= 0" for every ReLU output.
+_RELU_MASK = BitMaskCodec(torch.Tensor.bool, 0.0, 1.0, _NARROW)
+_POSITIVE_MASK = BitMaskCodec(lambda t: t > 0, 0.0, 1.0, _NARROW)
 
 
 @register_handler(aten.relu.default, aten.relu_.default)
 class Relu(SavingPolicy):
-    """y = max(x, 0); stock backward is threshold_backward(grad, y, 0) = (y <= 0) ? +0 : grad.
+    """y = max(x, 0); backward is threshold_backward(grad, y, 0) = (y <= 0) ? +0 : grad.
 
-    It reads y only through ``y <= 0``: one bit per element reproduces it exactly (NaN passes
-    the gradient, -0.0 zeroes it). y is usually the next layer's input too, so the bits
-    replace it only once that layer drops it.
+    y is usually the next layer's input too, so the bits replace it only once that layer
+    drops it (share-aware saving).
     """
 
     family = "activation"
 
     @staticmethod
     def saved(args, outputs):
-        return {"result": Saved(outputs[0], _RELU_MASK)}
+        return {"result": Saved(outputs[0], EncodeWhenReleased(_RELU_MASK))}
+
+
+@register_handler(aten.leaky_relu.default)
+class LeakyRelu(SavingPolicy):
+    """backward: leaky_relu_backward(grad, x, slope) = x > 0 ? grad : grad * slope."""
+
+    family = "activation"
+
+    @staticmethod
+    def saved(args, outputs):
+        return {"self": Saved(args[0], Encode(_POSITIVE_MASK))}
+
+
+@register_handler(aten.leaky_relu_.default)
+class LeakyReluInplace(SavingPolicy):
+    """In place, stock keeps the output (y > 0 exactly where x > 0): shared like ReLU's."""
+
+    family = "activation"
+
+    @staticmethod
+    def saved(args, outputs):
+        return {"result": Saved(outputs[0], EncodeWhenReleased(_POSITIVE_MASK))}
+
+
+@register_handler(aten.hardtanh.default, aten.hardtanh_.default)
+class Hardtanh(SavingPolicy):
+    """backward: hardtanh_backward(grad, x, lo, hi) zeroes where x <= lo or x >= hi.
+
+    Stock's kernel takes that decision differently for NaN in its vectorised body and in its
+    scalar tail, so the bit is the kernel's own decision (asked once with a gradient of ones).
+    In place, stock keeps a copy of the input: the same handling applies.
+    """
+
+    family = "activation"
+
+    @staticmethod
+    def saved(args, outputs):
+        input, low, high = args[0], args[1], args[2]
+
+        def backward(grad, tensor):
+            return aten.hardtanh_backward.default(grad, tensor, low, high)
+
+        return {"self": Saved(input, _decision_mask(backward, input.dtype, _below(low, input.dtype), _middle(low, high, input.dtype)))}
+
+
+@register_handler(aten.threshold.default, aten.threshold_.default)
+class Threshold(SavingPolicy):
+    """backward: threshold_backward(grad, x, t) = (x <= t) ? 0 : grad.
+
+    In place, stock keeps a copy of the input: the same handling applies.
+    """
+
+    family = "activation"
+
+    @staticmethod
+    def saved(args, outputs):
+        input, threshold = args[0], args[1]
+
+        def backward(grad, tensor):
+            return aten.threshold_backward.default(grad, tensor, threshold)
+
+        at = torch.tensor(threshold, dtype=input.dtype)
+        above = torch.nextafter(at, torch.tensor(float("inf"), dtype=input.dtype)).item()
+        return {"self": Saved(input, _decision_mask(backward, input.dtype, _below(threshold, input.dtype), above))}
+
+
+def _decision_mask(backward, dtype, zeroed: float | None, passed: float | None):
+    """Encode the per-element decision of ``backward`` (zero the gradient or pass it) as one
+    bit, decoded as ``zeroed``/``passed``, once the kernel is seen to decide alike on those two
+    values in its vectorised body and its tail; KEEP otherwise."""
+    if zeroed is None or passed is None:
+        return KEEP
+    probe = torch.tensor([zeroed] * 67 + [passed] * 67, dtype=dtype)
+    decided = backward(torch.ones_like(probe), probe) != 0
+    if decided[:67].any() or not decided[67:].all():
+        return KEEP
+
+    def passes(tensor):
+        return backward(torch.ones_like(tensor), tensor) != 0
+
+    return Encode(BitMaskCodec(passes, zeroed, passed))
+
+
+def _below(value, dtype) -> float | None:
+    """The largest value of ``dtype`` below ``value`` as rounded to ``dtype`` (so <= value in
+    both ``dtype`` and float arithmetic)."""
+    at = torch.tensor(value, dtype=dtype)
+    below = torch.nextafter(at, torch.tensor(float("-inf"), dtype=dtype))
+    return below.item() if bool(torch.isfinite(below)) else None
+
+
+def _middle(low, high, dtype) -> float | None:
+    middle = torch.tensor((float(low) + float(high)) / 2, dtype=dtype)
+    return middle.item() if bool(torch.isfinite(middle)) else None

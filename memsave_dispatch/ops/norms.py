@@ -48,3 +48,57 @@ class NativeBatchNorm(SavingPolicy):
 
 def _needs_input(input, weight, training) -> bool:
     return (weight is not None and weight.requires_grad) or (training and input.requires_grad)
+
+
+def _affine_or_input_needs_grad(input, weight) -> bool:
+    return input.requires_grad or (weight is not None and weight.requires_grad)
+
+
+@register_handler(aten.native_layer_norm.default)
+class NativeLayerNorm(SavingPolicy):
+    """y = (x - mean) * rstd * w + b over the last dimensions (``nn.LayerNorm``).
+
+    grad_x and grad_w need x and the statistics; grad_b = sum(grad) needs nothing. Stock
+    keeps x, mean and rstd even when only the bias trains (BitFit): here they go then.
+    (``F.rms_norm`` on CPU is composed of elementwise operators, not one operator.)
+    """
+
+    family = "norm"
+
+    @staticmethod
+    def can_save(input, normalized_shape, weight, *_rest):
+        return not _affine_or_input_needs_grad(input, weight)
+
+    @staticmethod
+    def saved(args, outputs):
+        input, _shape, weight, bias = args[:4]
+        keep = KEEP if _affine_or_input_needs_grad(input, weight) else DROP
+        return {
+            "input": Saved(input, keep),
+            "result1": Saved(outputs[1], keep),
+            "result2": Saved(outputs[2], keep),
+            "weight": Saved(weight, KEEP),
+            "bias": Saved(bias, KEEP),
+        }
+
+
+@register_handler(aten.native_group_norm.default)
+class NativeGroupNorm(SavingPolicy):
+    """``nn.GroupNorm``: as layer norm, per group; bias-only keeps nothing."""
+
+    family = "norm"
+
+    @staticmethod
+    def can_save(input, weight, *_rest):
+        return not _affine_or_input_needs_grad(input, weight)
+
+    @staticmethod
+    def saved(args, outputs):
+        input, weight = args[0], args[1]
+        keep = KEEP if _affine_or_input_needs_grad(input, weight) else DROP
+        return {
+            "input": Saved(input, keep),
+            "result1": Saved(outputs[1], keep),
+            "result2": Saved(outputs[2], keep),
+            "weight": Saved(weight, KEEP),
+        }

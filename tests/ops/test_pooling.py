@@ -60,28 +60,58 @@ def _skip_if_stock_lacks_a_kernel(pool, x):
         pytest.skip(f"stock: {stock_error}")
 
 
-def _indices_bytes(run) -> int:
-    """Bytes of the int64 argmax indices the stock op returns (what max pooling keeps)."""
+def _outputs(run) -> int:
     with torch.no_grad():
         outputs = run()
     out = outputs[0] if isinstance(outputs, tuple) else outputs
-    return out.numel() * 8
+    return out.numel()
 
 
 @pytest.mark.parametrize("name", sorted(MAX_POOLS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", (False, True))
-def test_max_pool_keeps_only_the_indices(name, dtype, channels_last):
+def test_max_pool_keeps_one_byte_per_output(name, dtype, channels_last):
+    """The argmax becomes a uint8 offset in its window; when the caller asked for the int64
+    indices (return_indices=True) it holds them anyway, and they are kept as they are."""
     dims, pool = MAX_POOLS[name]
     if channels_last and dims == 1:
         pytest.skip("no channels_last for 1-d")
     x = _input(dims, dtype, channels_last)
     _skip_if_stock_lacks_a_kernel(pool, x)
     stock, mode = compare_with_stock(pool, {"x": x})
-    x_bytes = x.numel() * x.element_size()
-    indices = _indices_bytes(lambda: pool(x))
-    assert stock.saved_bytes == x_bytes + indices
-    assert mode.saved_bytes == indices
+    outputs = _outputs(lambda: pool(x))
+    assert stock.saved_bytes == x.numel() * x.element_size() + 8 * outputs
+    caller_holds_indices = "indices" in name
+    assert mode.saved_bytes == (8 if caller_holds_indices else 1) * outputs
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_window_offsets_rebuild_every_index(seed):
+    """Random geometries, -inf and NaN included: decoded indices equal stock's int64 ones."""
+    from memsave_dispatch.ops.pooling import MaxPool2d, MaxPool3d, WindowOffsetCodec
+
+    generator = torch.Generator().manual_seed(seed)
+    pick = lambda low, high: int(torch.randint(low, high + 1, (), generator=generator))
+    dims = 2 + seed % 2
+    kernel = [pick(1, 4) for _ in range(dims)]
+    dilation = [pick(1, 3) for _ in range(dims)]
+    stride = [pick(1, 3) for _ in range(dims)]
+    padding = [pick(0, k // 2) for k in kernel]
+    sizes = [pick((k - 1) * d + 1, 12) for k, d in zip(kernel, dilation)]
+    x = torch.randn(2, 3, *sizes, generator=generator)
+    x.view(-1)[:: pick(3, 7)] = float("-inf")
+    x.view(-1)[1 :: pick(5, 11)] = float("nan")
+    ceil_mode = bool(seed % 3 == 0)
+    op = torch.ops.aten.max_pool3d_with_indices if dims == 3 else torch.ops.aten.max_pool2d_with_indices
+    args = (x, kernel, stride, padding, dilation, ceil_mode)
+    out, indices = op(*args)
+    handler = MaxPool3d if dims == 3 else MaxPool2d
+    windows = handler.windows(args, sizes, list(indices.shape[-dims:]))
+    assert windows is not None
+    codec = WindowOffsetCodec(windows)
+    kept, meta = codec.encode(indices)
+    assert kept[0].dtype == torch.uint8 and kept[0].numel() == indices.numel()
+    assert torch.equal(codec.decode(kept, meta), indices)
 
 
 @pytest.mark.parametrize("name", sorted(AVG_POOLS))
