@@ -12,7 +12,19 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["BasicBlock", "ResNet", "resnet18", "SmallConvNet", "freeze", "set_batchnorm_eval"]
+__all__ = [
+    "BasicBlock",
+    "ResNet",
+    "resnet18",
+    "VGG",
+    "vgg11_bn",
+    "MobileNetV2",
+    "mobilenet_v2",
+    "transformer_encoder",
+    "SmallConvNet",
+    "freeze",
+    "set_batchnorm_eval",
+]
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -80,6 +92,96 @@ class ResNet(nn.Module):
 
 def resnet18(num_classes: int = 1000) -> ResNet:
     return ResNet((2, 2, 2, 2), num_classes)
+
+
+class VGG(nn.Module):
+    """torchvision's VGG layout: conv3x3-BN-ReLU(inplace) stages with 2x2 max pools, a 7x7
+    adaptive average pool, and a Linear-ReLU-Dropout x2 + Linear classifier."""
+
+    def __init__(self, config: Iterable[int | str], num_classes: int = 1000, classifier_width: int = 4096):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for item in config:
+            if item == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(channels, item, 3, padding=1), nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
+                channels = item
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(
+            nn.Linear(channels * 7 * 7, classifier_width),
+            nn.ReLU(True),
+            nn.Dropout(0.5),
+            nn.Linear(classifier_width, classifier_width),
+            nn.ReLU(True),
+            nn.Dropout(0.5),
+            nn.Linear(classifier_width, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def vgg11_bn(num_classes: int = 1000, classifier_width: int = 4096) -> VGG:
+    return VGG([64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], num_classes, classifier_width)
+
+
+class _InvertedResidual(nn.Module):
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int):
+        super().__init__()
+        hidden = inp * expand_ratio
+        self.use_residual = stride == 1 and inp == oup
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers += [nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, oup, 1, bias=False),
+            nn.BatchNorm2d(oup),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """torchvision's MobileNetV2 layout: inverted residuals with depthwise convolutions and
+    ReLU6, a 1x1 conv to 1280 channels, global average pool, dropout and a linear head."""
+
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        channels = 32
+        layers: list[nn.Module] = [nn.Conv2d(3, channels, 3, 2, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU6(inplace=True)]
+        for expand, out, repeats, stride in self.SETTINGS:
+            for index in range(repeats):
+                layers.append(_InvertedResidual(channels, out, stride if index == 0 else 1, expand))
+                channels = out
+        layers += [nn.Conv2d(channels, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def mobilenet_v2(num_classes: int = 1000) -> MobileNetV2:
+    return MobileNetV2(num_classes)
+
+
+def transformer_encoder(activation: str = "relu", d_model: int = 256, heads: int = 4, feed_forward: int = 1024, layers: int = 4) -> nn.TransformerEncoder:
+    """``nn.TransformerEncoder`` of ``nn.TransformerEncoderLayer`` (batch_first, dropout 0.1)."""
+    layer = nn.TransformerEncoderLayer(
+        d_model=d_model, nhead=heads, dim_feedforward=feed_forward, dropout=0.1, batch_first=True, activation=activation
+    )
+    return nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
 
 
 class SmallConvNet(nn.Module):

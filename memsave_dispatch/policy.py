@@ -119,8 +119,6 @@ class _Ghosted:
         with torch._C.DisableTorchFunction():
             return self.layout.ghost()
 
-    def kept_tensors(self) -> tuple[Tensor, ...]:
-        return ()
 
 
 class _Encoded:
@@ -130,12 +128,13 @@ class _Encoded:
     called by a consumer that releases the tensor.
     """
 
-    __slots__ = ("codec", "user_hooks", "deferred", "kept", "meta")
+    __slots__ = ("codec", "user_hooks", "deferred", "kept", "meta", "nbytes")
 
     def __init__(self, codec: Codec, user_hooks: Hooks | None, deferred: bool = False) -> None:
         self.codec, self.user_hooks, self.deferred = codec, user_hooks, deferred
         self.kept: tuple = ()
         self.meta: object = None
+        self.nbytes = 0  # of the encoding, before the user's hooks packed it
 
     def pack(self, tensor: Tensor) -> None:
         if self.deferred:
@@ -146,6 +145,7 @@ class _Encoded:
     def encode(self, tensor: Tensor) -> None:
         with torch.no_grad():
             encoded, self.meta = self.codec.encode(tensor)
+        self.nbytes = accounting.storage_bytes(encoded)
         self.kept = tuple(self._user_pack(t) for t in encoded)
         self.deferred = False
 
@@ -162,9 +162,6 @@ class _Encoded:
     def _user_unpack(self, packed: Any) -> Tensor:
         return packed if self.user_hooks is None else self.user_hooks[1](packed)
 
-    def kept_tensors(self) -> tuple[Tensor, ...]:
-        """What this slot holds, for audits (only meaningful without user hooks)."""
-        return tuple(t for t in self.kept if isinstance(t, Tensor))
 
 
 # -- deferred encodings -----------------------------------------------------------------
@@ -212,14 +209,13 @@ def _released(tensor: Tensor) -> None:
     if entry is None or entry.tensor_ref()._version != entry.version:
         return  # modified in place since: leave stock's version check to report it
     tensor = entry.tensor_ref()
-    if entry.holder is not None:
-        entry.holder.encode(tensor)
-        encoded = entry.holder.kept_tensors()
+    holder = entry.holder
+    if holder is not None:
+        holder.encode(tensor)
     else:
         holder = _Encoded(entry.codec, None)
         getattr(entry.node, entry.slot).register_hooks(holder.pack, holder.unpack)
-        encoded = holder.kept
-    delta = accounting.storage_bytes(encoded) - entry.nbytes
+    delta = holder.nbytes - entry.nbytes
     for tally in entry.tallies:
         tally.reencode(EncodeWhenReleased.label, entry.codec.name, delta)
 
@@ -294,6 +290,7 @@ def apply_policy(
     """Carry out ``saved`` on ``node``, the node stock just created; count it in ``modes``."""
     tracing = torch.compiler.is_compiling()
     stock_tensors, kept_tensors, labels = [], [], []
+    encoded_bytes = 0
     decided_slots = []  # slots given hooks of ours; the user's hooks go on all the others
     deferred = []
     for name, (tensor, decision) in saved.items():
@@ -319,7 +316,7 @@ def apply_policy(
         elif isinstance(decision, Encode):
             holder = _Encoded(decision.codec, user_hooks)
             slot.register_hooks(holder.pack, holder.unpack)
-            kept_tensors.extend(holder.kept_tensors())
+            encoded_bytes += holder.nbytes
         elif isinstance(decision, EncodeWhenReleased):
             holder = None
             if user_hooks is not None:
@@ -337,6 +334,7 @@ def apply_policy(
             if name not in decided_slots:
                 _register_user_hooks(getattr(node, "_raw_saved_" + name), user_hooks)
     stock_bytes, kept_bytes = accounting.stock_and_kept_bytes(stock_tensors, kept_tensors, tracing)
+    kept_bytes += encoded_bytes
     tallies = [mode._tally(op, family) for mode in modes]
     for tally in tallies:
         tally.add_handled(stock_bytes, kept_bytes, tracing, labels)

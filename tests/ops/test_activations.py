@@ -94,3 +94,46 @@ def test_relu_on_a_strided_view():
     base = torch.randn(4, 6, 8, requires_grad=True)
     stock, mode = compare_with_stock(lambda base: F.relu(base[:, ::2, 1:] * 1).mean(-1), {"base": base})
     assert mode.saved_bytes < stock.saved_bytes
+
+
+# The other 1-bit activations. Values straddle each boundary, NaN sits both in the
+# vectorised body and in the scalar tail of the kernels (stock hardtanh treats the two
+# differently), and the incoming gradients carry NaN, inf and -0.0 too.
+BOUNDARY_VALUES = [0.1, 0.10009765625, 0.099609375, -0.5, 0.5, 6.0, 5.99, -1.0, 1.0, 0.7]
+
+ACTIVATIONS = {
+    "leaky_relu": (lambda x: F.leaky_relu(x, 0.1), "aten.leaky_relu.default"),
+    "leaky_relu_": (lambda x: F.leaky_relu(x * 1, 0.1, inplace=True), "aten.leaky_relu_.default"),
+    "hardtanh": (lambda x: F.hardtanh(x, -0.5, 0.5), "aten.hardtanh.default"),
+    "hardtanh-0.1-0.7": (lambda x: F.hardtanh(x, 0.1, 0.7), "aten.hardtanh.default"),
+    "hardtanh_": (lambda x: F.hardtanh(x * 1, -0.5, 0.5, inplace=True), "aten.hardtanh_.default"),
+    "relu6": (lambda x: F.relu6(x), "aten.hardtanh.default"),
+    "relu6_": (lambda x: torch.nn.ReLU6(inplace=True)(x * 1), "aten.hardtanh_.default"),
+    "threshold": (lambda x: F.threshold(x, 0.1, 20.0), "aten.threshold.default"),
+    "threshold_": (lambda x: F.threshold(x * 1, 0.1, 20.0, inplace=True), "aten.threshold_.default"),
+}
+
+
+def _input_with_specials_everywhere(shape, dtype, channels_last):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    values = torch.tensor(SPECIAL + BOUNDARY_VALUES, dtype=torch.float64)
+    flat = x.view(-1)
+    flat[: len(values)] = values
+    flat[-len(values) :] = values  # the kernels' scalar tails
+    flat[len(flat) // 2 : len(flat) // 2 + len(values)] = values
+    x = x.to(torch.promote_types(torch.float16, torch.float16) if dtype is None else dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16])
+@pytest.mark.parametrize("channels_last", (False, True))
+def test_activation_keeps_one_bit_and_matches_stock(name, dtype, channels_last):
+    activation, op = ACTIVATIONS[name]
+    x = _input_with_specials_everywhere((3, 5, 7, 9), dtype, channels_last).requires_grad_(True)
+    stock, mode = compare_with_stock(lambda x: _special_gradients(F.avg_pool2d(activation(x), 1)), {"x": x})
+    assert stock.saved_bytes >= x.numel() * x.element_size()
+    assert mode.saved_bytes == -(-x.numel() // 8)
+    assert mode.report[op].encodings == {"1-bit mask": 1}

@@ -76,12 +76,9 @@ OPTIONS = {
 
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
-@pytest.mark.parametrize("dims", (1, 2, 3))
+@pytest.mark.parametrize("dims,channels_last", [(1, False), (2, False), (2, True), (3, False), (3, True)])
 @pytest.mark.parametrize("pattern", [(True, False, False), (False, True, True), (True, True, False), (False, False, True)])
-@pytest.mark.parametrize("channels_last", (False, True))
 def test_options(option, dims, pattern, channels_last):
-    if channels_last and dims == 1:
-        pytest.skip("no channels_last for 1-d")
     options = dict(OPTIONS[option])
     groups = options.get("groups", 1)
     inputs = _conv_inputs(dims, False, torch.float32, channels_last, pattern, groups=groups)

@@ -42,16 +42,18 @@ def _expected_bytes(x, module, need_x, need_w) -> int:
     return x.numel() * x.element_size() + stats
 
 
-CORE = list(
-    itertools.product(sorted(SHAPES), DTYPES, (False, True), (True, False), requires_grad_patterns("xwb"))
-)
+CORE = [
+    (shape_name, dtype, channels_last, training, pattern)
+    for shape_name, dtype, channels_last, training, pattern in itertools.product(
+        sorted(SHAPES), DTYPES, (False, True), (True, False), requires_grad_patterns("xwb")
+    )
+    if not (channels_last and len(SHAPES[shape_name][1]) < 4)  # channels_last needs 4-d or 5-d
+]
 
 
 @pytest.mark.parametrize("shape_name,dtype,channels_last,training,pattern", CORE)
 def test_matches_stock_and_keeps_the_minimum(shape_name, dtype, channels_last, training, pattern):
     dims, shape = SHAPES[shape_name]
-    if channels_last and len(shape) < 4:
-        pytest.skip("channels_last needs 4-d or 5-d input")
     need_x, need_w, need_b = pattern
     torch.manual_seed(0)
     module = MODULES[dims](shape[1]).to(dtype)
@@ -124,3 +126,27 @@ def test_functional_batch_norm_and_instance_norm(training):
     inputs = dict(x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     stock, mode = compare_with_stock(run, inputs, state=("weight", "bias", "running_mean", "running_var"))
     assert mode.saved_bytes <= stock.saved_bytes
+
+
+LAYER_LIKE = {
+    "layer_norm": (lambda x, w, b: torch.nn.functional.layer_norm(x, (6,), w, b), 6),
+    "layer_norm-2d": (lambda x, w, b: torch.nn.functional.layer_norm(x, (5, 6), w, b), (5, 6)),
+    "group_norm": (lambda x, w, b: torch.nn.functional.group_norm(x, 2, w, b), 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_LIKE))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pattern", requires_grad_patterns("xwb"))
+def test_layer_and_group_norm_keep_nothing_for_bias_only(name, dtype, pattern):
+    norm, parameter_shape = LAYER_LIKE[name]
+    need_x, need_w, need_b = pattern
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, generator=generator, dtype=torch.float64).to(dtype).requires_grad_(need_x)
+    w = nn.Parameter((torch.rand(parameter_shape, generator=generator, dtype=torch.float64) + 0.5).to(dtype), requires_grad=need_w)
+    b = nn.Parameter(torch.randn(parameter_shape, generator=generator, dtype=torch.float64).to(dtype), requires_grad=need_b)
+    stock, mode = compare_with_stock(norm, {"x": x, "w": w, "b": b}, state=("w", "b"))
+    if need_x or need_w:
+        assert mode.saved_bytes == stock.saved_bytes  # x and the statistics are needed
+    else:
+        assert mode.saved_bytes == 0 < stock.saved_bytes

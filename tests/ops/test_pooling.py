@@ -11,19 +11,20 @@ from tests._compare import DTYPES, compare_with_stock
 
 FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
+# name: (dims, pool, positions per window: "what one argmax offset must tell apart")
 MAX_POOLS = {
-    "max1d": (1, lambda x: F.max_pool1d(x, 3, stride=2)),
-    "max1d-pad-dil-ceil": (1, lambda x: F.max_pool1d(x, 3, stride=2, padding=1, dilation=2, ceil_mode=True)),
-    "max2d": (2, lambda x: F.max_pool2d(x, 2)),
-    "max2d-k3s2p1": (2, lambda x: F.max_pool2d(x, 3, stride=2, padding=1)),
-    "max2d-dil-ceil": (2, lambda x: F.max_pool2d(x, 3, stride=2, dilation=2, ceil_mode=True)),
-    "max2d-return-indices": (2, lambda x: F.max_pool2d(x, 2, return_indices=True)),
-    "max3d": (3, lambda x: F.max_pool3d(x, 2)),
-    "max3d-k3s2p1-ceil": (3, lambda x: F.max_pool3d(x, 3, stride=2, padding=1, ceil_mode=True)),
-    "adaptive-max1d": (1, lambda x: F.adaptive_max_pool1d(x, 3)),
-    "adaptive-max2d": (2, lambda x: F.adaptive_max_pool2d(x, (3, 2))),
-    "adaptive-max2d-indices": (2, lambda x: F.adaptive_max_pool2d(x, 3, return_indices=True)),
-    "adaptive-max3d": (3, lambda x: F.adaptive_max_pool3d(x, 2)),
+    "max1d": (1, lambda x: F.max_pool1d(x, 3, stride=2), 3),
+    "max1d-pad-dil-ceil": (1, lambda x: F.max_pool1d(x, 3, stride=2, padding=1, dilation=2, ceil_mode=True), 3),
+    "max2d": (2, lambda x: F.max_pool2d(x, 2), 4),
+    "max2d-k3s2p1": (2, lambda x: F.max_pool2d(x, 3, stride=2, padding=1), 9),
+    "max2d-dil-ceil": (2, lambda x: F.max_pool2d(x, 3, stride=2, dilation=2, ceil_mode=True), 9),
+    "max2d-return-indices": (2, lambda x: F.max_pool2d(x, 2, return_indices=True), None),
+    "max3d": (3, lambda x: F.max_pool3d(x, 2), 8),
+    "max3d-k3s2p1-ceil": (3, lambda x: F.max_pool3d(x, 3, stride=2, padding=1, ceil_mode=True), 27),
+    "adaptive-max1d": (1, lambda x: F.adaptive_max_pool1d(x, 3), 3),  # 7 -> 3: windows of up to 3
+    "adaptive-max2d": (2, lambda x: F.adaptive_max_pool2d(x, (3, 2)), 12),  # up to 3 x 4
+    "adaptive-max2d-indices": (2, lambda x: F.adaptive_max_pool2d(x, 3, return_indices=True), None),
+    "adaptive-max3d": (3, lambda x: F.adaptive_max_pool3d(x, 2), 64),  # up to 4 x 4 x 4
 }
 
 AVG_POOLS = {
@@ -67,22 +68,29 @@ def _outputs(run) -> int:
     return out.numel()
 
 
-@pytest.mark.parametrize("name", sorted(MAX_POOLS))
+def _layouts(pools):
+    """(name, channels_last) pairs; 1-d pools have no channels_last layout."""
+    return [(name, cl) for name in sorted(pools) for cl in (False, True) if not (cl and pools[name][0] == 1)]
+
+
+@pytest.mark.parametrize("name,channels_last", _layouts(MAX_POOLS))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("channels_last", (False, True))
-def test_max_pool_keeps_one_byte_per_output(name, dtype, channels_last):
-    """The argmax becomes a uint8 offset in its window; when the caller asked for the int64
-    indices (return_indices=True) it holds them anyway, and they are kept as they are."""
-    dims, pool = MAX_POOLS[name]
-    if channels_last and dims == 1:
-        pytest.skip("no channels_last for 1-d")
+def test_max_pool_keeps_window_offsets(name, dtype, channels_last):
+    """The argmax becomes its offset in the window: 2 bits for windows of up to 4 positions,
+    a byte otherwise. When the caller asked for the int64 indices (return_indices=True) it
+    holds them anyway, and they are kept as they are."""
+    dims, pool, positions = MAX_POOLS[name]
     x = _input(dims, dtype, channels_last)
     _skip_if_stock_lacks_a_kernel(pool, x)
     stock, mode = compare_with_stock(pool, {"x": x})
     outputs = _outputs(lambda: pool(x))
     assert stock.saved_bytes == x.numel() * x.element_size() + 8 * outputs
-    caller_holds_indices = "indices" in name
-    assert mode.saved_bytes == (8 if caller_holds_indices else 1) * outputs
+    if positions is None:
+        assert mode.saved_bytes == 8 * outputs
+    elif positions <= 4:
+        assert mode.saved_bytes == 2 * -(-outputs // 8)
+    else:
+        assert mode.saved_bytes == outputs
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -93,7 +101,7 @@ def test_window_offsets_rebuild_every_index(seed):
     generator = torch.Generator().manual_seed(seed)
     pick = lambda low, high: int(torch.randint(low, high + 1, (), generator=generator))
     dims = 2 + seed % 2
-    kernel = [pick(1, 4) for _ in range(dims)]
+    kernel = [pick(1, 4) for _ in range(dims)]  # windows of 1 to 64 positions: both encodings
     dilation = [pick(1, 3) for _ in range(dims)]
     stride = [pick(1, 3) for _ in range(dims)]
     padding = [pick(0, k // 2) for k in kernel]
@@ -110,17 +118,16 @@ def test_window_offsets_rebuild_every_index(seed):
     assert windows is not None
     codec = WindowOffsetCodec(windows)
     kept, meta = codec.encode(indices)
-    assert kept[0].dtype == torch.uint8 and kept[0].numel() == indices.numel()
+    kept_bytes = sum(t.numel() for t in kept if t.dtype == torch.uint8)
+    positions = len(windows.deltas)
+    assert kept_bytes == (2 * -(-indices.numel() // 8) if positions <= 4 else indices.numel())
     assert torch.equal(codec.decode(kept, meta), indices)
 
 
-@pytest.mark.parametrize("name", sorted(AVG_POOLS))
+@pytest.mark.parametrize("name,channels_last", _layouts(AVG_POOLS))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("channels_last", (False, True))
 def test_avg_pool_keeps_nothing(name, dtype, channels_last):
     dims, pool = AVG_POOLS[name]
-    if channels_last and dims == 1:
-        pytest.skip("no channels_last for 1-d")
     x = _input(dims, dtype, channels_last)
     _skip_if_stock_lacks_a_kernel(pool, x)
     stock, mode = compare_with_stock(pool, {"x": x})

@@ -1,0 +1,42 @@
+"""Dropout (composite aten.dropout on CPU, and the fused aten.native_dropout) against stock:
+outputs and gradients bit-identical under the same seed, 1 bit per element kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests._compare import DTYPES, compare_with_stock
+
+DROPOUTS = {
+    "dropout": (lambda x, p, train: F.dropout(x, p, training=train), "aten.dropout.default"),
+    "dropout-inplace": (lambda x, p, train: F.dropout(x * 1, p, training=train, inplace=True), "aten.dropout_.default"),
+    "dropout2d": (lambda x, p, train: F.dropout2d(x, p, training=train), "aten.feature_dropout.default"),
+    "module": (lambda x, p, train: torch.nn.Dropout(p).train(train)(x), "aten.dropout.default"),
+    "native": (lambda x, p, train: torch.native_dropout(x, p, train)[0], "aten.native_dropout.default"),
+}
+
+
+def _seeded(dropout, p, train):
+    def run(x):
+        torch.manual_seed(1234)  # both runs draw the same noise: outputs must match
+        return dropout(x, p, train)
+
+    return run
+
+
+@pytest.mark.parametrize("name", sorted(DROPOUTS))
+@pytest.mark.parametrize("p", (0.0, 0.1, 0.5, 0.9, 1.0))
+@pytest.mark.parametrize("train", (True, False))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_matches_stock(name, p, train, dtype):
+    dropout, op = DROPOUTS[name]
+    x = torch.randn(4, 6, 5, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    stock, mode = compare_with_stock(_seeded(dropout, p, train), {"x": x.requires_grad_(True)})
+    noise_elements = x.numel() if name != "dropout2d" else x.shape[0] * x.shape[1]
+    if train and 0 < p < 1:
+        assert mode.saved_bytes == -(-noise_elements // 8)
+        assert mode.report[op].encodings == {"1-bit mask": 1}
+    else:
+        assert mode.saved_bytes == stock.saved_bytes  # identity or a product with 0: nothing to save
