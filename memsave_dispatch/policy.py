@@ -297,8 +297,9 @@ def apply_policy(
         if tensor is None:
             continue
         stock_tensors.append(tensor)
-        if decision is KEEP or (tracing and isinstance(decision, Encode)):
-            kept_tensors.append(tensor)  # (encodings are eager-only: tracing keeps the tensor)
+        if decision is KEEP or (tracing and isinstance(decision, Encode)) or tensor.numel() == 0:
+            # (encodings are eager-only: tracing keeps the tensor; an empty one costs nothing)
+            kept_tensors.append(tensor)
             _kept(tensor)
             continue
         if not isinstance(decision, Decision):
