@@ -67,9 +67,11 @@ class LeakyReluInplace(SavingPolicy):
 class Hardtanh(SavingPolicy):
     """backward: hardtanh_backward(grad, x, lo, hi) zeroes where x <= lo or x >= hi.
 
-    Stock's kernel takes that decision differently for NaN in its vectorised body and in its
-    scalar tail, so the bit is the kernel's own decision (asked once with a gradient of ones).
-    In place, stock keeps a copy of the input: the same handling applies.
+    The bit is the kernel's own decision, asked once with a gradient of ones (so the bounds are
+    rounded exactly as the kernel rounds them). Stock's kernel decides NaN differently in its
+    vectorised body and its scalar tail, and which elements fall where depends on the incoming
+    gradient's layout: a tensor holding NaN is kept as it is. In place, stock keeps a copy of
+    the input: the same handling applies.
     """
 
     family = "activation"
@@ -81,7 +83,8 @@ class Hardtanh(SavingPolicy):
         def backward(grad, tensor):
             return aten.hardtanh_backward.default(grad, tensor, low, high)
 
-        return {"self": Saved(input, _decision_mask(backward, input.dtype, _below(low, input.dtype), _middle(low, high, input.dtype)))}
+        decision = _decision_mask(backward, input.dtype, _below(low, input.dtype), _middle(low, high, input.dtype), nan_changes_decision=True)
+        return {"self": Saved(input, decision)}
 
 
 @register_handler(aten.threshold.default, aten.threshold_.default)
@@ -105,7 +108,7 @@ class Threshold(SavingPolicy):
         return {"self": Saved(input, _decision_mask(backward, input.dtype, _below(threshold, input.dtype), above))}
 
 
-def _decision_mask(backward, dtype, zeroed: float | None, passed: float | None):
+def _decision_mask(backward, dtype, zeroed: float | None, passed: float | None, nan_changes_decision: bool = False):
     """Encode the per-element decision of ``backward`` (zero the gradient or pass it) as one
     bit, decoded as ``zeroed``/``passed``, once the kernel is seen to decide alike on those two
     values in its vectorised body and its tail; KEEP otherwise."""
@@ -119,7 +122,7 @@ def _decision_mask(backward, dtype, zeroed: float | None, passed: float | None):
     def passes(tensor):
         return backward(torch.ones_like(tensor), tensor) != 0
 
-    return Encode(BitMaskCodec(passes, zeroed, passed))
+    return Encode(BitMaskCodec(passes, zeroed, passed, nan_changes_decision=nan_changes_decision))
 
 
 def _below(value, dtype) -> float | None:
