@@ -227,29 +227,15 @@ class BitMaskCodec(Codec):
 
     name = "1-bit mask"
 
-    def __init__(
-        self,
-        decide,
-        low: float = 0.0,
-        high: float = 1.0,
-        stand_in_dtype: dict | None = None,
-        nan_changes_decision: bool = False,
-    ) -> None:
+    def __init__(self, decide, low: float = 0.0, high: float = 1.0, stand_in_dtype: dict | None = None) -> None:
         self.decide, self.low, self.high = decide, low, high
         self.stand_in_dtype = stand_in_dtype or {}
-        self.nan_changes_decision = nan_changes_decision
 
     def encode(self, tensor: Tensor) -> tuple[tuple[Tensor, ...], object]:
-        if self.nan_changes_decision and bool(torch.isnan(tensor).any()):
-            # the kernel's decision on NaN depends on where the element falls in its loop, which
-            # depends on the gradient's layout, unknown until backward: keep the tensor itself
-            return (tensor,), None
         bits, mask = BitMask.pack(self.decide(tensor))
         return (bits,), (mask, self.stand_in_dtype.get(tensor.dtype, tensor.dtype))
 
     def decode(self, kept: tuple[Tensor, ...], meta: object) -> Tensor:
-        if meta is None:
-            return kept[0]
         mask, dtype = meta
         return mask.lookup(kept[0], two_value_table(dtype, self.low, self.high))
 

@@ -1,0 +1,261 @@
+"""MemSaveMode under distributed data parallel training on CPU: DDP and FSDP2, gloo backend.
+
+Two processes train the same network on different data shards, once with stock PyTorch and
+once under the mode. The mode only changes what backward nodes keep, so it must not change
+anything the wrappers see: every gradient (after DDP's all-reduce, or FSDP2's
+reduce-scatter, gathered back to the full tensor), every parameter and every buffer must be
+bit-identical to the stock run's, after each step, and gradients and parameters must agree
+across ranks. The mode's report and a saved-tensor measurement taken through the wrapper
+show that it handled operators and kept fewer bytes, so the comparison cannot pass on a
+network where the mode had nothing to do.
+
+Each test spawns fresh processes (the interposer and the process group are process-wide
+state); results come back as files, and a child's traceback becomes the test's failure
+message. A child that hangs (a collective whose peer died) is killed at a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import socket
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from memsave_dispatch import MemSaveMode, SavedTensorMeter
+from memsave_dispatch.models import SmallConvNet, freeze
+from tests._compare import assert_bit_identical
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch built without gloo distributed support"
+)
+
+WORLD_SIZE = 2
+STEPS = 3
+BATCH, SIZE = 8, 16
+LR, MOMENTUM = 0.1, 0.9
+DEADLINE_S = 120  # whole spawn, both ranks: a hang fails the test instead of blocking the suite
+
+CASES = {
+    # The input prompt makes gradients flow through the frozen backbone: that is where stock
+    # keeps activations no requested gradient needs. Without it, a frozen backbone records no
+    # graph at all and the mode would have nothing to handle.
+    "frozen conv/BN": freeze,
+    "all trainable": lambda model: None,
+}
+
+
+# -- what runs in each rank ------------------------------------------------------------------
+def _wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model)
+
+
+def _wrap_fsdp(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard the backbone and the head separately, then the root, as FSDP2 is meant to be
+    used: forward and backward then all-gather and free parameters around each part, inside
+    the mode."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    fully_shard(model.features, mesh=mesh)
+    fully_shard(model.head, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+WRAPPERS = {"ddp": _wrap_ddp, "fsdp": _wrap_fsdp}
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2's sharded parameters and gradients) gathered to the full tensor; a
+    plain tensor as is. Gathering is a collective: every rank calls it in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().clone()
+
+
+def _shard(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's batch for this step: deterministic, and different on every rank."""
+    generator = torch.Generator().manual_seed(1000 * rank + step)
+    x = torch.randn(BATCH, 3, SIZE, SIZE, generator=generator)
+    return x, torch.randint(0, 10, (BATCH,), generator=generator)
+
+
+def _build(wrapper: str, case: str) -> torch.nn.Module:
+    torch.manual_seed(0)  # the same initial weights in both runs and on both ranks
+    model = SmallConvNet(width=8, prompt_size=SIZE)
+    CASES[case](model)
+    return WRAPPERS[wrapper](model)
+
+
+def _train(wrapper: str, case: str, rank: int, use_mode: bool) -> dict:
+    """STEPS of SGD with momentum, the whole step (forward, backward, optimizer) inside the
+    mode or not; returns the full gradients after each step and the final state."""
+    model = _build(wrapper, case)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD([p for _, p in trainable], lr=LR, momentum=MOMENTUM)
+    mode = MemSaveMode()
+    grads, losses = [], []
+    for step in range(STEPS):
+        x, y = _shard(rank, step)
+        optimizer.zero_grad()
+        with mode if use_mode else contextlib.nullcontext():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+        losses.append(loss.detach().clone())
+        grads.append({name: _full(p.grad) for name, p in trainable})
+    result = {
+        "losses": losses,
+        "grads": grads,
+        "state": {name: _full(t) for name, t in model.state_dict().items()},
+        "kept_bytes": _kept_bytes(model, rank, use_mode),
+    }
+    if use_mode:
+        report = mode.report()
+        result["report"] = {"handled": report.handled, "stock": report.stock_bytes, "kept": report.kept_bytes}
+    return result
+
+
+def _kept_bytes(model: torch.nn.Module, rank: int, use_mode: bool) -> int:
+    """Bytes the graph of one forward pass through the wrapped model keeps for backward.
+
+    Runs on every rank (FSDP2's forward all-gathers parameters) and finishes with a backward
+    pass, so the wrapper's per-iteration state is complete. Parameters are excluded as their
+    local tensors (the local shard under FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    state = [t.to_local() if isinstance(t, DTensor) else t for t in (*model.parameters(), *model.buffers())]
+    x, _ = _shard(rank, STEPS)
+    with MemSaveMode() if use_mode else contextlib.nullcontext():
+        with SavedTensorMeter(exclude=state) as meter:
+            out = model(x)
+        out.sum().backward()
+    return meter.bytes
+
+
+def _worker(rank: int, port: int, wrapper: str, case: str, out_dir: str) -> None:
+    """Child entry point: train stock then under the mode, save the results, or the
+    traceback, for the parent to read."""
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    try:
+        dist.init_process_group(
+            "gloo",
+            rank=rank,
+            world_size=WORLD_SIZE,
+            init_method=f"tcp://127.0.0.1:{port}",
+            timeout=timedelta(seconds=DEADLINE_S),
+        )
+        try:
+            result = {
+                "stock": _train(wrapper, case, rank, use_mode=False),
+                "mode": _train(wrapper, case, rank, use_mode=True),
+            }
+        finally:
+            dist.destroy_process_group()
+        torch.save(result, out / f"rank{rank}.pt")
+    except BaseException:
+        (out / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+# -- the parent ----------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawn(wrapper: str, case: str, out_dir: Path) -> list[dict]:
+    """Run _worker on WORLD_SIZE fresh processes; return each rank's results, or fail with
+    the first child's traceback. Stops every child as soon as one fails (its peers would
+    wait in a collective) or the deadline passes."""
+    context = multiprocessing.get_context("spawn")
+    port = _free_port()
+    processes = [
+        context.Process(target=_worker, args=(rank, port, wrapper, case, str(out_dir)), daemon=True)
+        for rank in range(WORLD_SIZE)
+    ]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while any(p.is_alive() for p in processes):
+            failed = [rank for rank, p in enumerate(processes) if p.exitcode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+            process.join(timeout=10)
+    for rank, process in enumerate(processes):
+        error = out_dir / f"rank{rank}.err"
+        if error.exists():
+            pytest.fail(f"rank {rank} failed:\n{error.read_text()}", pytrace=False)
+    for rank, process in enumerate(processes):
+        if process.exitcode != 0:
+            pytest.fail(f"rank {rank} exited with code {process.exitcode} (killed after {DEADLINE_S} s: a hang?)")
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+
+
+def _assert_same_run(actual: dict, expected: dict, what: str, keys: tuple[str, ...]) -> None:
+    """Bit-identical per-step gradients and final state (the entries named in ``keys``)."""
+    for key in keys:
+        if key == "grads":
+            assert len(actual["grads"]) == len(expected["grads"]) == STEPS
+            for step, (got, want) in enumerate(zip(actual["grads"], expected["grads"])):
+                assert got.keys() == want.keys()
+                for name in want:
+                    assert_bit_identical(got[name], want[name], f"{what}: step {step} grad of {name}")
+        else:
+            assert actual[key].keys() == expected[key].keys()
+            for name in expected[key]:
+                assert_bit_identical(actual[key][name], expected[key][name], f"{what}: {key} {name}")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_mode_matches_stock_under_data_parallel(wrapper, case, tmp_path):
+    ranks = _spawn(wrapper, case, tmp_path)
+
+    for rank, result in enumerate(ranks):
+        # the mode changes nothing the wrapper sees: gradients, parameters, BN buffers
+        _assert_same_run(result["mode"], result["stock"], f"rank {rank}, mode vs stock", ("grads", "state"))
+        for step, (mode_loss, stock_loss) in enumerate(zip(result["mode"]["losses"], result["stock"]["losses"])):
+            assert_bit_identical(mode_loss, stock_loss, f"rank {rank}, mode vs stock: step {step} loss")
+
+        # ... and it did something: handled operators and kept fewer bytes, by its own report
+        # and measured through the wrapper
+        report = result["mode"]["report"]
+        assert report["handled"] > 0, report
+        assert report["kept"] < report["stock"], report
+        assert result["mode"]["kept_bytes"] < result["stock"]["kept_bytes"], (
+            result["mode"]["kept_bytes"],
+            result["stock"]["kept_bytes"],
+        )
+
+    # the ranks saw different data yet hold the same synchronized gradients and parameters
+    # (buffers are per rank: BN running statistics follow each rank's own shard)
+    first, second = ranks
+    assert not torch.equal(first["stock"]["losses"][0], second["stock"]["losses"][0])
+    parameters = {name for name, _ in _build_names(first)}
+    for run in ("stock", "mode"):
+        _assert_same_run(
+            {"grads": second[run]["grads"], "state": {n: second[run]["state"][n] for n in parameters}},
+            {"grads": first[run]["grads"], "state": {n: first[run]["state"][n] for n in parameters}},
+            f"{run}: rank 1 vs rank 0",
+            ("grads", "state"),
+        )
