@@ -6,10 +6,11 @@
 """
 
 from . import ops  # noqa: F401  (registers the built-in handlers)
+from .audit import AuditReport, audit, track_modules
 from .interposer import install, uninstall
 from .measure import SavedTensorMeter, saved_tensor_bytes
 from .mode import MemSaveMode
-from .policy import DROP, KEEP, Encode, EncodeWhenReleased, Saved
+from .policy import DROP, KEEP, Encode, EncodeWhenReleased, Saved, encodings_enabled
 from .registry import (
     Handler,
     RegistrationError,
@@ -31,12 +32,16 @@ __all__ = [
     "DROP",
     "Encode",
     "EncodeWhenReleased",
+    "encodings_enabled",
     "RegistrationError",
     "register_handler",
     "unregister_handler",
     "registered_ops",
     "Report",
     "OpReport",
+    "audit",
+    "track_modules",
+    "AuditReport",
     "SavedTensorMeter",
     "saved_tensor_bytes",
     "install",

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch._C import DispatchKey
 from torch._ops import OpOverload
 from torch.autograd import forward_ad
+from torch.fx.experimental.proxy_tensor import get_proxy_mode as _get_proxy_mode
 from torch.library import Library
 from torch.nn import Parameter
 
@@ -186,7 +187,24 @@ def _make_kernel(op: OpOverload, stocks: dict):
             return _route(op, DEVICES.get(key), stock, modes[-1], keyset, args, kwargs)
 
     kernel.__name__ = f"memsave_{op._opname}"
+    _run_without_dynamo(kernel.__code__)
     return kernel
+
+
+def _run_without_dynamo(code) -> None:
+    """Never let torch.compile trace the kernel, or anything it calls, as user code.
+
+    Compiled code runs with dynamo's frame hook set; eager operators it runs (graph breaks,
+    the aot_eager backend) reach this kernel, whose Python frames dynamo would otherwise
+    compile one by one. Marking the code object is free per call, unlike
+    ``torch.compiler.disable``'s wrapper. (The kernel still runs when AOTAutograd traces the
+    operator: that is how the saving policy gets compiled in.)
+    """
+    try:  # the C module: importing torch._dynamo itself would take a second
+        from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy, set_code_exec_strategy
+    except ImportError:  # pragma: no cover - older dynamo without per-code strategies
+        return
+    set_code_exec_strategy(code, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))
 
 
 def _route(op: OpOverload, device: str, stock, mode, keyset, args: tuple, kwargs: dict):
@@ -268,8 +286,11 @@ _TRACING_TENSORS = ("FunctionalTensor", "FakeTensor")
 
 
 def _unsupported_tensor_type(kind: type) -> str | None:
-    if kind.__name__ in _TRACING_TENSORS and torch.compiler.is_compiling():
-        return None  # torch.compile tracing: handle it so the saving survives compilation
-    if kind.__name__ == "FakeTensor":
+    name = kind.__name__
+    if name in _TRACING_TENSORS and torch.compiler.is_compiling():
+        if _get_proxy_mode() is not None:
+            return None  # AOTAutograd traces the graph: handle it, the saving gets compiled
+        return "shape propagation"  # dynamo running ops on fake tensors: only outputs matter
+    if name == "FakeTensor":
         return "fake tensor"
     return f"tensor subclass {kind.__name__}"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
+import sys
 import threading
 import warnings
 from collections.abc import Iterable
@@ -58,6 +61,19 @@ class _CompileCacheTag:
 
 
 _compile_cache_tag = _CompileCacheTag()
+
+
+@functools.lru_cache(maxsize=None)
+def _code_identity(handler: type) -> str:
+    """Name and source hash of a handler and the module defining it: an edited or upgraded
+    handler must not be served a graph compiled with the old one from the on-disk caches."""
+    module = sys.modules.get(handler.__module__)
+    try:
+        source = inspect.getsource(module) if module is not None else inspect.getsource(handler)
+    except (OSError, TypeError):  # defined interactively: no source to hash
+        source = repr(id(handler))
+    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+    return f"{handler.__module__}.{handler.__qualname__}@{digest}"
 
 # Python entry points that always hand max pooling's indices to their caller (the functional
 # forms say so with a ``return_indices`` argument, checked separately).
@@ -152,8 +168,9 @@ class MemSaveMode(TorchFunctionMode):
             _compile_cache_tag.exit()
 
     def _fingerprint(self) -> str:
-        """Which handler serves which operator, on which devices: what a compiled graph bakes in."""
-        handlers = sorted(f"{op}={entry.handler.__module__}.{entry.handler.__qualname__}" for op, entry in self._entries.items())
+        """Which handler (and which version of its code) serves which operator, on which
+        devices: what a compiled graph bakes in."""
+        handlers = sorted(f"{op}={_code_identity(entry.handler)}" for op, entry in self._entries.items())
         return hashlib.sha256("\n".join([*handlers, *sorted(self.devices)]).encode()).hexdigest()[:16]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -45,6 +45,7 @@ __all__ = [
     "run_without_default_hooks",
     "forget_deferred",
     "release",
+    "encodings_enabled",
 ]
 
 
@@ -104,6 +105,13 @@ class Saved(NamedTuple):
 
 
 Hooks = tuple[Callable[[Tensor], Any], Callable[[Any], Tensor]]
+
+
+def encodings_enabled() -> bool:
+    """False while torch.compile traces: encodings are eager-only (a traced graph keeps the
+    tensor instead), so a policy can skip preparing one, and must not run data-dependent
+    tensor code on the tracing tensors."""
+    return not torch.compiler.is_compiling()
 
 
 # -- hooks on one slot ------------------------------------------------------------------

@@ -250,6 +250,7 @@ def _build_function(op: OpOverload, handler: type) -> type[torch.autograd.Functi
     # The C-level apply: Function.apply's Python wrapper only adds functorch bookkeeping,
     # and calls under functorch transforms never reach a handler.
     function.apply_untransformed = _C_APPLY.__get__(None, function)
+    function.memsave_handler = handler  # lets the audit recognise the nodes it creates
     return function
 
 

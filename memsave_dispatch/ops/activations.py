@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..policy import KEEP, Encode, EncodeWhenReleased, Saved
+from ..policy import KEEP, Encode, EncodeWhenReleased, Saved, encodings_enabled
 from ..registry import SavingPolicy, register_handler
 from ..saving import BitMaskCodec
 
@@ -83,7 +83,7 @@ class Hardtanh(SavingPolicy):
         def backward(grad, tensor):
             return aten.hardtanh_backward.default(grad, tensor, low, high)
 
-        if not torch.compiler.is_compiling() and bool(torch.isnan(input).any()):
+        if not encodings_enabled() or bool(torch.isnan(input).any()):
             # the kernel's NaN decision depends on where the element falls in its loop, which
             # depends on the incoming gradient's layout, unknown until backward
             return {"self": Saved(input, KEEP)}
@@ -106,6 +106,8 @@ class Threshold(SavingPolicy):
         def backward(grad, tensor):
             return aten.threshold_backward.default(grad, tensor, threshold)
 
+        if not encodings_enabled():
+            return {"self": Saved(input, KEEP)}
         at = torch.tensor(threshold, dtype=input.dtype)
         above = torch.nextafter(at, torch.tensor(float("inf"), dtype=input.dtype)).item()
         return {"self": Saved(input, _decision_mask(backward, input.dtype, _below(threshold, input.dtype), above))}

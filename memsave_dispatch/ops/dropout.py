@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..policy import Encode, Saved
+from ..policy import KEEP, Encode, Saved, encodings_enabled
 from ..registry import SavingPolicy, register_handler
 from ..saving import BitMaskCodec
 
@@ -44,6 +44,8 @@ class Dropout(SavingPolicy):
     def saved(args, outputs):
         input, p = args[0], args[1]
         noise = outputs[0].grad_fn._saved_other  # the Mul node the composite built
+        if not encodings_enabled():
+            return {"other": Saved(noise, KEEP)}
         codec = BitMaskCodec(_is_nonzero, 0.0, _kept_value(noise.dtype, p))
         return {"other": Saved(noise, Encode(codec))}
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..interposer import caller_holds_outputs
-from ..policy import DROP, KEEP, Encode, Saved
+from ..policy import DROP, KEEP, Encode, Saved, encodings_enabled
 from ..registry import SavingPolicy, register_handler
 from ..saving import BitMask, Codec, two_value_table
 
@@ -150,7 +150,7 @@ class _MaxPool(SavingPolicy):
     def saved(cls, args, outputs):
         input, indices = args[0], outputs[1]
         windows = None
-        if not caller_holds_outputs() and indices.numel() > 0:
+        if encodings_enabled() and not caller_holds_outputs() and indices.numel() > 0:
             windows = cls.windows(args, list(input.shape[-cls.dims :]), list(indices.shape[-cls.dims :]))
         decision = KEEP if windows is None else Encode(WindowOffsetCodec(windows))
         return {"self": Saved(input, DROP), "result1": Saved(indices, decision)}

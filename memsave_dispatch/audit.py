@@ -1,0 +1,337 @@
+"""Where activation memory goes: the bytes an autograd graph keeps for backward.
+
+:func:`audit` walks the graph behind an output and tabulates the storages it keeps, per
+autograd node type and, when the forward pass ran inside :func:`track_modules`, per module
+(with depth, like ``FlopCounterMode``). It reads what each node holds *without unpacking
+it* (unpacking would decode encodings and run the user's hooks): built-in nodes' saved
+slots, custom ``autograd.Function`` saved tensors (compiled graphs included), MemSaveMode's
+encodings, and whatever the user's saved-tensor hooks packed. A storage held by several
+nodes counts once, for the node created first in forward; parameters, the model's buffers
+and the tensors in ``exclude`` are counted apart, as they live whatever autograd keeps.
+
+    with track_modules(model):          # optional: per-module attribution
+        loss = loss_fn(model(x), y)
+    audit(loss, model=model).print(depth=2)
+
+Tensors a custom Function hides in ``ctx`` attributes instead of ``save_for_backward``
+cannot be seen by any tool; none of this library's handlers does that.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
+
+from .policy import _Encoded, _Ghosted
+from .report import format_bytes
+
+__all__ = ["audit", "track_modules", "AuditReport", "NodeTypeSummary"]
+
+_MODULE_KEY = "memsave_dispatch.module"
+AS_STOCK = "as stock"
+USER_HOOKS = "packed by saved-tensor hooks"
+
+
+# -- reading a node without unpacking it ------------------------------------------------
+def _tensors_in(packed: Any, depth: int = 0) -> Iterator[Tensor]:
+    """Tensors inside what a pack hook returned (a tensor, containers, small objects)."""
+    if isinstance(packed, Tensor):
+        yield packed
+    elif depth > 4 or packed is None or isinstance(packed, (str, bytes, int, float, bool, torch.device)):
+        return
+    elif isinstance(packed, (tuple, list)):
+        for item in packed:
+            yield from _tensors_in(item, depth + 1)
+    elif isinstance(packed, dict):
+        for item in packed.values():
+            yield from _tensors_in(item, depth + 1)
+    else:
+        names = list(getattr(packed, "__dict__", {}))
+        for cls in type(packed).__mro__:
+            slots = cls.__dict__.get("__slots__", ())
+            names.extend((slots,) if isinstance(slots, str) else slots)
+        for name in names:
+            yield from _tensors_in(getattr(packed, name, None), depth + 1)
+
+
+def _read_slot(slot) -> tuple[str, list[Tensor]]:
+    """(form, tensors) for one SavedVariable: what it holds and in which form."""
+    try:
+        unpack = slot.unpack_hook
+        packed = slot.data
+    except RuntimeError:  # released by a backward pass that did not retain the graph
+        return "freed", []
+    holder = getattr(unpack, "__self__", None)
+    if isinstance(holder, _Ghosted):
+        return "dropped", []
+    if isinstance(holder, _Encoded):
+        form = "kept (shared with consumer)" if holder.deferred else holder.codec.name
+        return form, list(_tensors_in(holder.kept))
+    if unpack is not None:
+        return USER_HOOKS, list(_tensors_in(packed))
+    return AS_STOCK, [] if packed is None else [packed]
+
+
+def _slots(node) -> Iterator[Any]:
+    names = [n for n in dir(node) if n.startswith("_raw_saved_")]
+    for name in names:
+        try:
+            value = getattr(node, name)
+        except RuntimeError:  # a freed list of saved tensors
+            continue
+        yield from value if isinstance(value, (list, tuple)) else (value,)
+
+
+def _is_memsave_node(node) -> bool:
+    return getattr(getattr(type(node), "_forward_cls", None), "memsave_handler", None) is not None
+
+
+def _walk(roots: Iterable[Any]) -> Iterator[Any]:
+    seen: set[int] = set()
+    keep_alive = []  # ids stay unique while the wrappers live
+    stack = [node for node in roots if node is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        keep_alive.append(node)
+        yield node
+        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+
+
+# -- the result -------------------------------------------------------------------------
+@dataclass
+class NodeTypeSummary:
+    """One autograd node type: how many nodes, how many MemSaveMode changed, what they keep."""
+
+    nodes: int = 0
+    changed_by_memsave: int = 0
+    bytes: int = 0
+    forms: Counter = field(default_factory=Counter)  # saved slots per form ("as stock", ...)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "nodes": self.nodes,
+            "changed_by_memsave": self.changed_by_memsave,
+            "bytes": self.bytes,
+            "forms": dict(self.forms),
+        }
+
+
+@dataclass
+class AuditReport:
+    """Bytes an autograd graph keeps for backward, each storage counted once."""
+
+    total_bytes: int
+    excluded_bytes: int  # parameters, buffers and ``exclude``: alive regardless of the graph
+    node_types: dict[str, NodeTypeSummary]
+    modules: dict[str, int] | None  # bytes per module, submodules included (tracked forward)
+    root_module: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total_bytes": self.total_bytes,
+            "excluded_bytes": self.excluded_bytes,
+            "node_types": {name: row.to_dict() for name, row in self.node_types.items()},
+            "modules": self.modules,
+        }
+
+    def table(self, depth: int = 2):
+        """Rich tables: per node type, and per module down to ``depth`` when tracked."""
+        from rich.console import Group
+        from rich.table import Table
+
+        by_type = Table(title="Kept for backward, per autograd node type", title_justify="left", show_footer=True)
+        by_type.add_column("node type", "total", style="bold")
+        by_type.add_column("nodes", str(sum(r.nodes for r in self.node_types.values())), justify="right")
+        by_type.add_column("changed by MemSaveMode", str(sum(r.changed_by_memsave for r in self.node_types.values())), justify="right")
+        by_type.add_column("saved slots are")
+        by_type.add_column("bytes", format_bytes(self.total_bytes), justify="right")
+        by_type.add_column("share", "100%", justify="right")
+        for name, row in sorted(self.node_types.items(), key=lambda item: -item[1].bytes):
+            forms = ", ".join(f"{n} {form}" for form, n in sorted(row.forms.items())) or "-"
+            share = f"{100 * row.bytes / self.total_bytes:.1f}%" if self.total_bytes else "-"
+            by_type.add_row(name, str(row.nodes), str(row.changed_by_memsave), forms, format_bytes(row.bytes), share)
+        by_type.caption = (
+            f"each storage counted once, for the node created first; parameters, buffers and "
+            f"excluded tensors ({format_bytes(self.excluded_bytes)}) not counted"
+        )
+        if self.modules is None:
+            return by_type
+        by_module = Table(title="Kept for backward, per module", title_justify="left")
+        by_module.add_column("module", style="bold")
+        by_module.add_column("bytes", justify="right")
+        by_module.add_column("share", justify="right")
+        for name, nbytes in self.modules.items():
+            level = 0 if name == self.root_module or name == _OUTSIDE else name.count(".") + 1
+            if level > depth:
+                continue
+            share = f"{100 * nbytes / self.total_bytes:.1f}%" if self.total_bytes else "-"
+            by_module.add_row("  " * level + name, format_bytes(nbytes), share)
+        return Group(by_type, by_module)
+
+    def print(self, depth: int = 2) -> None:
+        from rich.console import Console
+
+        Console().print(self.table(depth))
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=140, record=True, file=_Discard())
+        console.print(self.table())
+        return console.export_text()
+
+
+class _Discard:
+    def write(self, _text: str) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass
+
+
+_OUTSIDE = "(outside any module)"
+
+
+# -- the audit --------------------------------------------------------------------------
+def audit(
+    outputs: Tensor | Iterable[Tensor],
+    *,
+    model: nn.Module | None = None,
+    exclude: Iterable[Tensor] = (),
+) -> AuditReport:
+    """Tabulate what the graph behind ``outputs`` keeps for backward.
+
+    ``model``: its parameters and buffers are not counted (they live as long as the model);
+    per-module rows need the forward pass to have run inside :func:`track_modules`.
+    """
+    roots = [t.grad_fn for t in tree_leaves(outputs) if isinstance(t, Tensor)]
+    nodes = list(_walk(roots))
+    excluded: set[tuple] = set()
+
+    def key_of(tensor: Tensor) -> tuple | None:
+        try:
+            storage = tensor.untyped_storage()
+            pointer = storage.data_ptr()
+        except (RuntimeError, NotImplementedError):  # meta, fake or sparse: no storage to count
+            return None
+        return (storage.device, pointer) if storage.nbytes() else None
+
+    state = [*exclude, *(() if model is None else (*model.parameters(), *model.buffers()))]
+    for tensor in state:
+        if (key := key_of(tensor)) is not None:
+            excluded.add(key)
+
+    owner: dict[tuple, tuple[int, str, int, str | None]] = {}  # storage -> (seq, type, bytes, module)
+    excluded_bytes: dict[tuple, int] = {}
+    node_types: dict[str, NodeTypeSummary] = defaultdict(NodeTypeSummary)
+    tracked = False
+    for node in nodes:
+        kind = type(node).__name__
+        row = node_types[kind]
+        row.nodes += 1
+        module = node.metadata.get(_MODULE_KEY)
+        tracked = tracked or module is not None
+        sequence = node._sequence_nr()
+        changed = _is_memsave_node(node)
+        for slot in _slots(node):
+            form, tensors = _read_slot(slot)
+            if form not in (AS_STOCK, USER_HOOKS, "freed"):
+                changed = True
+            if tensors or form != AS_STOCK:
+                row.forms[form] += 1
+            for tensor in tensors:
+                key = key_of(tensor)
+                if key is None:
+                    continue
+                nbytes = tensor.untyped_storage().nbytes()
+                if key in excluded or isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter):
+                    excluded_bytes[key] = nbytes
+                elif key not in owner or sequence < owner[key][0]:
+                    owner[key] = (sequence, kind, nbytes, module)
+        row.changed_by_memsave += changed
+    for _sequence, kind, nbytes, _module in owner.values():
+        node_types[kind].bytes += nbytes
+    modules = None
+    root = None
+    if tracked:
+        root = type(model).__name__ if model is not None else None
+        modules = _module_totals(((module, nbytes) for _s, _k, nbytes, module in owner.values()), root)
+    return AuditReport(
+        total_bytes=sum(nbytes for _s, _k, nbytes, _m in owner.values()),
+        excluded_bytes=sum(excluded_bytes.values()),
+        node_types=dict(node_types),
+        modules=modules,
+        root_module=root,
+    )
+
+
+def _module_totals(attributed: Iterable[tuple[str | None, int]], root: str | None) -> dict[str, int]:
+    """Bytes per module, each module including its submodules; rows in module order."""
+    totals: dict[str, int] = {}
+    for module, nbytes in attributed:
+        if module is None:
+            totals[_OUTSIDE] = totals.get(_OUTSIDE, 0) + nbytes
+            continue
+        parts = module.split(".") if module else []
+        prefixes = [""] + [".".join(parts[: i + 1]) for i in range(len(parts))]
+        for prefix in prefixes:
+            name = prefix or (root or "(model)")
+            totals[name] = totals.get(name, 0) + nbytes
+    ordered = sorted(totals, key=lambda n: (n == _OUTSIDE, n != (root or "(model)"), n))
+    return {name: totals[name] for name in ordered}
+
+
+# -- module attribution -----------------------------------------------------------------
+@contextmanager
+def track_modules(model: nn.Module) -> Iterator[None]:
+    """Record, in each autograd node built inside, the innermost module whose forward built it.
+
+    Each module's forward-pre hook notes the nodes its inputs come from; its forward hook
+    walks back from its outputs to those and labels the nodes in between (innermost modules
+    finish first, so they label first). The label lives in the node's ``metadata``, so it
+    dies with the graph. Costs a few microseconds per node: for audits, not for training.
+    """
+    boundaries: list[tuple[list, set[int]]] = []  # per running forward: its input nodes
+
+    def before(module, args, kwargs):
+        inputs = [t.grad_fn for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor) and t.grad_fn is not None]
+        boundaries.append((inputs, {id(node) for node in inputs}))
+
+    def after(name: str):
+        def hook(module, args, kwargs, output):
+            _inputs, stop = boundaries.pop()
+            roots = [t.grad_fn for t in tree_leaves(output) if isinstance(t, Tensor) and t.grad_fn is not None]
+            stack, visited, seen = roots, [], set()
+            while stack:
+                node = stack.pop()
+                if id(node) in stop or id(node) in seen:
+                    continue
+                seen.add(id(node))
+                visited.append(node)  # ids stay unique while the wrappers live
+                metadata = node.metadata
+                if _MODULE_KEY in metadata:
+                    continue  # built by an inner module, or earlier
+                metadata[_MODULE_KEY] = name
+                stack.extend(n for n, _ in node.next_functions if n is not None)
+
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(module.register_forward_hook(after(name), with_kwargs=True, always_call=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
