@@ -239,7 +239,7 @@ def audit(
         kind = type(node).__name__
         row = node_types[kind]
         row.nodes += 1
-        module = node.metadata.get(_MODULE_KEY)
+        module = None if kind == "AccumulateGrad" else node.metadata.get(_MODULE_KEY)
         tracked = tracked or module is not None
         sequence = node._sequence_nr()
         changed = _is_memsave_node(node)
@@ -318,6 +318,8 @@ def track_modules(model: nn.Module) -> Iterator[None]:
                     continue
                 seen.add(id(node))
                 visited.append(node)  # ids stay unique while the wrappers live
+                if type(node).__name__ == "AccumulateGrad":
+                    continue  # a leaf's node, shared by every graph using it: keeps nothing
                 metadata = node.metadata
                 if _MODULE_KEY in metadata:
                     continue  # built by an inner module, or earlier
