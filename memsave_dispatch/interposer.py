@@ -184,7 +184,7 @@ def _make_kernel(op: OpOverload, stocks: dict):
         # The mode's own __torch_function__ has nothing to do with the library's internal
         # tensor calls; with it off they skip a Python round trip each.
         with torch._C.DisableTorchFunction():
-            return _route(op, DEVICES.get(key), stock, modes[-1], keyset, args, kwargs)
+            return _route(op, DEVICES.get(key, key), stock, modes[-1], keyset, args, kwargs)
 
     kernel.__name__ = f"memsave_{op._opname}"
     _run_without_dynamo(kernel.__code__)
@@ -207,7 +207,7 @@ def _run_without_dynamo(code) -> None:
     set_code_exec_strategy(code, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))
 
 
-def _route(op: OpOverload, device: str, stock, mode, keyset, args: tuple, kwargs: dict):
+def _route(op: OpOverload, device: str | DispatchKey, stock, mode, keyset, args: tuple, kwargs: dict):
     entry = mode._entries.get(op)  # the handlers this mode enabled, as of its entry
     if entry is None:
         return stock.call_boxed(keyset, *args, **kwargs)
@@ -251,10 +251,17 @@ def _run_policy(entry, stock, keyset, args: tuple, kwargs: dict, full_arguments:
     return outputs
 
 
-def _reason_for_stock(entry, device: str, mode, args: tuple, kwargs: dict) -> str | None:
+def _not_enabled(device) -> str:
+    if isinstance(device, str):
+        return f"device {device} not enabled"
+    kind = device.name.removeprefix("Autograd")  # a dispatch key without a device of ours
+    return "nested tensor" if kind == "NestedTensor" else f"device {kind.lower()} not supported"
+
+
+def _reason_for_stock(entry, device, mode, args: tuple, kwargs: dict) -> str | None:
     """Why this call must run stock PyTorch, or None when the handler may take it."""
     if device not in mode.devices or device not in entry.handler.devices:
-        return f"device {device or 'type'} not enabled"
+        return _not_enabled(device)
     if torch._C._are_functorch_transforms_active():
         return "functorch transform"
     if torch._C._get_tracing_state() is not None:
