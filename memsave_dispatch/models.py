@@ -24,6 +24,8 @@ __all__ = [
     "SmallConvNet",
     "freeze",
     "set_batchnorm_eval",
+    "LoRA",
+    "add_lora",
 ]
 
 
@@ -228,3 +230,71 @@ def set_batchnorm_eval(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
+
+
+class LoRA(nn.Module):
+    """A frozen layer plus a trainable low-rank update: ``base(x) + scale * up(down(x))``.
+
+    For ``nn.Linear``, ``down`` and ``up`` are bias-free linear layers through ``rank``
+    features. For ``nn.Conv2d``, ``down`` is a convolution with the base's kernel, stride,
+    padding and dilation to ``rank`` channels (so its output has the base's spatial size) and
+    ``up`` a 1x1 convolution back to the base's channels. ``up`` starts at zero, as in the LoRA
+    paper, so the wrapped model computes exactly what it computed before.
+    """
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float | None = None) -> None:
+        super().__init__()
+        self.base = base
+        base.requires_grad_(False)
+        if isinstance(base, nn.Linear):
+            self.down: nn.Module = nn.Linear(base.in_features, rank, bias=False)
+            self.up: nn.Module = nn.Linear(rank, base.out_features, bias=False)
+        elif isinstance(base, nn.Conv2d):
+            self.down = nn.Conv2d(
+                base.in_channels,
+                rank,
+                base.kernel_size,
+                base.stride,
+                base.padding,
+                base.dilation,
+                bias=False,
+                padding_mode=base.padding_mode,
+            )
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            raise TypeError(f"LoRA wraps nn.Linear or nn.Conv2d, got {type(base).__name__}")
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.down.to(**factory)
+        self.up.to(**factory)
+        nn.init.zeros_(self.up.weight)
+        self.scale = (rank if alpha is None else alpha) / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scale * self.up(self.down(x))
+
+
+def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None) -> list[LoRA]:
+    """Wrap every ``nn.Linear`` and ``nn.Conv2d`` submodule of ``model`` in place in a :class:`LoRA` of
+    the given rank (their weights and biases frozen) and return the wrappers.
+
+    Other parameters keep their ``requires_grad``: freeze them first for classic LoRA. Layers
+    inside ``nn.MultiheadAttention`` are left alone, because attention reads its output
+    projection's weight directly instead of calling the layer. For the same reason a wrapped
+    ``nn.TransformerEncoderLayer`` runs in training mode only: its eval-mode fast path reads
+    ``linear1.weight`` and raises ``AttributeError`` (rather than silently skip the adapters).
+    """
+    wrappers: list[LoRA] = []
+
+    def visit(module: nn.Module) -> None:
+        if isinstance(module, (nn.MultiheadAttention, LoRA)):
+            return
+        for name, child in module.named_children():
+            if isinstance(child, (nn.Linear, nn.Conv2d)):
+                wrapper = LoRA(child, rank, alpha)
+                setattr(module, name, wrapper)
+                wrappers.append(wrapper)
+            else:
+                visit(child)
+
+    visit(model)
+    return wrappers

@@ -25,6 +25,7 @@ from rich.table import Table
 
 import memsave_dispatch
 from memsave_dispatch import MemSaveMode, saved_tensor_bytes
+from memsave_dispatch.bench import interleaved_times, median_ratio
 from memsave_dispatch.models import freeze, resnet18, set_batchnorm_eval
 from memsave_dispatch.report import format_bytes
 
@@ -90,16 +91,12 @@ def run_case(case: str, batch: int, size: int, pairs: int, progress=None, task=N
     for _ in range(3):
         stock_step()
         mode_step()
-    stock_times, mode_times = [], []
-    for index in range(pairs):
-        if index % 2:
-            stock_times.append(stock_step())
-            mode_times.append(mode_step())
-        else:
-            mode_times.append(mode_step())
-            stock_times.append(stock_step())
-        if progress is not None:
-            progress.advance(task)
+    times = interleaved_times(
+        {"mode": mode_step, "stock": stock_step},
+        pairs,
+        on_round=None if progress is None else lambda: progress.advance(task),
+    )
+    stock_times, mode_times = times["stock"], times["mode"]
     ratios = [m / s for m, s in zip(mode_times, stock_times)]
     return {
         "case": case,
@@ -108,7 +105,7 @@ def run_case(case: str, batch: int, size: int, pairs: int, progress=None, task=N
         "pairs": pairs,
         "stock_ms": statistics.median(stock_times) * 1e3,
         "mode_ms": statistics.median(mode_times) * 1e3,
-        "median_ratio": statistics.median(ratios),
+        "median_ratio": median_ratio(mode_times, stock_times),
         "ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3,
         "stock_bytes": stock_bytes,
         "mode_bytes": mode_bytes,
