@@ -14,39 +14,48 @@ from .interposer import active_modes
 __all__ = ["storage_bytes", "stock_and_kept_bytes", "record_handled", "record_stock"]
 
 
+def _storage_of(tensor: Tensor, tracing: bool) -> tuple[int, int] | None:
+    """(storage address, storage bytes) of a tensor; None for a parameter or a view of one
+    (they live as long as the model, whatever autograd keeps). While tracing, tensors have no
+    storage: each counts its own size under its own key."""
+    # __class__ before isinstance: Parameter's metaclass makes isinstance slow here.
+    kind = tensor.__class__
+    if kind is Parameter or (kind is not Tensor and isinstance(tensor, Parameter)):
+        return None
+    base = tensor._base
+    if base is not None and base.__class__ is Parameter:
+        return None
+    if tracing:
+        return id(tensor), tensor.numel() * tensor.element_size()
+    storage = tensor.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
 def storage_bytes(tensors: Iterable[Tensor | None], tracing: bool = False) -> int:
-    """Bytes of the distinct storages behind ``tensors``. Parameters (and views of them) do
-    not count: they live as long as the model, whatever autograd keeps. While tracing,
-    tensors have no storage and count their own size."""
-    total = 0
-    seen: list[int] = []
+    """Bytes of the distinct storages behind ``tensors``, parameters excluded."""
+    sizes: dict[int, int] = {}
     for tensor in tensors:
-        if tensor is None:
-            continue
-        # __class__ before isinstance: Parameter's metaclass makes isinstance slow here.
-        kind = tensor.__class__
-        if kind is Parameter or (kind is not Tensor and isinstance(tensor, Parameter)):
-            continue
-        base = tensor._base
-        if base is not None and isinstance(base, Parameter):
-            continue
-        if tracing:
-            total += tensor.numel() * tensor.element_size()
-            continue
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key not in seen:
-            seen.append(key)
-            total += storage.nbytes()
-    return total
+        if tensor is not None:
+            found = _storage_of(tensor, tracing)
+            if found is not None:
+                sizes[found[0]] = found[1]
+    return sum(sizes.values())
 
 
 def stock_and_kept_bytes(stock: list[Tensor], kept: list[Tensor], tracing: bool) -> tuple[int, int]:
-    """Both byte counts in one pass when ``kept`` mostly repeats ``stock``."""
-    stock_bytes = storage_bytes(stock, tracing)
-    if len(kept) == len(stock) and all(a is b for a, b in zip(kept, stock)):
-        return stock_bytes, stock_bytes
-    return stock_bytes, storage_bytes(kept, tracing)
+    """Both byte counts in one pass over ``stock``; ``kept`` is a subset of it (by identity)."""
+    kept_ids = {id(tensor) for tensor in kept}
+    stock_sizes: dict[int, int] = {}
+    kept_sizes: dict[int, int] = {}
+    for tensor in stock:
+        found = _storage_of(tensor, tracing)
+        if found is None:
+            continue
+        address, nbytes = found
+        stock_sizes[address] = nbytes
+        if id(tensor) in kept_ids:
+            kept_sizes[address] = nbytes
+    return sum(stock_sizes.values()), sum(kept_sizes.values())
 
 
 def _stock_bytes(handler: type, args: tuple, outputs: object, tracing: bool) -> int | None:

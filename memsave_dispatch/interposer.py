@@ -275,12 +275,11 @@ def _reason_for_stock(entry, device, mode, args: tuple, kwargs: dict) -> str | N
             problem = _unsupported_tensor_type(kind)
             if problem is not None:
                 return problem
-        if tensor.layout is not torch.strided:
+        if tensor.layout is not _STRIDED:
             return f"layout {str(tensor.layout).removeprefix('torch.')}"
-        if tensor.is_complex():
-            return "complex dtype"
-        if tensor.is_quantized:
-            return "quantized tensor"
+        dtype = tensor.dtype
+        if dtype in _UNSUPPORTED_DTYPES:
+            return _UNSUPPORTED_DTYPES[dtype]
         if tensor._is_zerotensor():
             return "efficient zero tensor"  # forward-AD formulas pass these for absent tangents
         needs_grad = needs_grad or tensor.requires_grad
@@ -290,6 +289,16 @@ def _reason_for_stock(entry, device, mode, args: tuple, kwargs: dict) -> str | N
 
 
 _TRACING_TENSORS = ("FunctionalTensor", "FakeTensor")
+_STRIDED = torch.strided
+# One dtype lookup instead of is_complex() and is_quantized per tensor.
+_UNSUPPORTED_DTYPES = {
+    **{dtype: "complex dtype" for dtype in (torch.complex32, torch.complex64, torch.complex128)},
+    **{
+        dtype: "quantized tensor"
+        for dtype in (torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4)
+        if isinstance(dtype, torch.dtype)
+    },
+}
 
 
 def _unsupported_tensor_type(kind: type) -> str | None:

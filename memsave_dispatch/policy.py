@@ -213,6 +213,8 @@ def _claim(tensor: Tensor) -> _Deferred | None:
 
 def _released(tensor: Tensor) -> None:
     """A consumer dropped ``tensor``: encode it in the node that deferred it, if any."""
+    if not _deferred.by_tensor:
+        return
     entry = _claim(tensor)
     if entry is None or entry.tensor_ref()._version != entry.version:
         return  # modified in place since: leave stock's version check to report it

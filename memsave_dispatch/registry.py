@@ -123,6 +123,7 @@ class HandlerEntry:
     kwarg_defaults: tuple[tuple[str, Any], ...]  # keyword-only arguments, in schema order
     tensor_positions: tuple[int, ...]  # positional arguments typed Tensor, Tensor? or Tensor[]
     tensor_kwargs: tuple[str, ...]  # keyword-only arguments typed so
+    plain_tensor_positions: bool = False  # every tensor argument is a positional Tensor or Tensor?
 
     @property
     def is_policy(self) -> bool:
@@ -138,6 +139,9 @@ class HandlerEntry:
 
     def tensor_arguments(self, args: tuple, kwargs: dict) -> list[Tensor]:
         """The tensors among the arguments of a boxed call (lists flattened)."""
+        if self.plain_tensor_positions and not kwargs:  # the common case, in one comprehension
+            count = len(args)
+            return [args[i] for i in self.tensor_positions if i < count and args[i].__class__ is not _NONE]
         found: list[Tensor] = []
         count = len(args)
         for position in self.tensor_positions:
@@ -146,6 +150,9 @@ class HandlerEntry:
         for name in self.tensor_kwargs:
             _collect_tensors(kwargs.get(name), found)
         return found
+
+
+_NONE = type(None)
 
 
 def _collect_tensors(value: Any, found: list) -> None:
@@ -303,6 +310,8 @@ def _make_entry(op: OpOverload, handler: type) -> HandlerEntry:
         kwarg_defaults=tuple((a.name, default(a)) for a in keyword_only),
         tensor_positions=tuple(i for i, a in enumerate(positional) if _is_tensor_typed(a)),
         tensor_kwargs=tuple(a.name for a in keyword_only if _is_tensor_typed(a)),
+        plain_tensor_positions=not any(_is_tensor_typed(a) for a in keyword_only)
+        and all(str(a.type) in ("Tensor", "Optional[Tensor]") for a in positional if _is_tensor_typed(a)),
     )
 
 

@@ -38,7 +38,7 @@ def test_eager_columns_structure_savings_and_exactness():
     stock, mode = cells["eager"], cells["mode"]
     assert mode.kept_bytes < stock.kept_bytes
     assert mode.peak_bytes <= stock.peak_bytes
-    assert mode.exact == "bit-identical" and mode.max_abs_diff == 0
+    assert mode.exact == "bit-identical" and mode.max_rel_diff == 0
     assert stock.exact is None  # the reference
     assert stock.step_ms > 0 and mode.time_ratio > 0
     for cell in cells.values():
@@ -192,3 +192,16 @@ def test_partition_backend_keeps_what_inductor_keeps(tmp_path, monkeypatch):
     torch._dynamo.reset()
     assert kept["partition"] == kept["inductor"]
     assert kept["partition"][1] < kept["partition"][0]
+
+
+def test_gradient_comparison_is_exact_for_the_mode_and_relative_for_compile():
+    from memsave_dispatch.bench import COMPILE_REL_TOL, compare_gradients
+
+    reference = [torch.ones(4), None]
+    nudged = [torch.ones(4).nextafter(torch.full((4,), 2.0)), None]
+    assert compare_gradients([torch.ones(4), None], reference) == ("bit-identical", 0.0)
+    verdict, error = compare_gradients(nudged, reference, rel_tol=0.0)
+    assert verdict == "DIFFERS" and 0 < error < 1e-6  # one ulp is a difference for the mode
+    assert compare_gradients(nudged, reference)[0] == "within tol"
+    assert compare_gradients([torch.ones(4) * (1 + 10 * COMPILE_REL_TOL), None], reference)[0] == "DIFFERS"
+    assert compare_gradients([torch.ones(4), torch.ones(1)], reference) == ("DIFFERS", None)
