@@ -368,15 +368,16 @@ def median_ratio(times: Sequence[float], baseline: Sequence[float]) -> float:
 
 
 #: Compiled code sums in another order: its gradients are compared by relative error.
-COMPILE_REL_TOL = 1e-3
+COMPILE_REL_TOL = 1e-2
 
 
 def compare_gradients(
     candidate: Sequence[Tensor | None], reference: Sequence[Tensor | None], rel_tol: float = COMPILE_REL_TOL
 ) -> tuple[str, float | None]:
-    """'bit-identical' (torch.equal), 'within tol' (every gradient's relative L2 error
-    ``|a - b| / |b|`` at most ``rel_tol``) or 'DIFFERS', and the largest relative error (None
-    when the gradients do not match up)."""
+    """'bit-identical' (torch.equal), 'within tol' (relative L2 error of all gradients taken
+    together, ``|a - b| / |b|``, at most ``rel_tol``) or 'DIFFERS', and that error (None when
+    the gradients do not match up). Taken together, because a gradient that is zero in exact
+    arithmetic (a bias before a batch norm in training) has no meaningful relative error."""
     pairs = list(zip(candidate, reference))
     if len(candidate) != len(reference) or any(
         (a is None) != (b is None) or (a is not None and (a.dtype, a.shape) != (b.dtype, b.shape)) for a, b in pairs
@@ -385,11 +386,10 @@ def compare_gradients(
     pairs = [(a, b) for a, b in pairs if a is not None]
     if all(torch.equal(a, b) for a, b in pairs):
         return "bit-identical", 0.0
-    largest = max(
-        ((a.double() - b.double()).norm().item() / max(b.double().norm().item(), 1e-30) for a, b in pairs if a.numel()),
-        default=0.0,
-    )
-    return ("within tol" if largest <= rel_tol else "DIFFERS"), largest
+    difference = math.sqrt(sum((a.double() - b.double()).square().sum().item() for a, b in pairs))
+    scale = math.sqrt(sum(b.double().square().sum().item() for _, b in pairs))
+    error = difference / scale if scale else math.inf
+    return ("within tol" if error <= rel_tol else "DIFFERS"), error
 
 
 # -- one model x case ----------------------------------------------------------------------
@@ -403,7 +403,7 @@ class Cell:
     time_ratio: float | None = None  # median per-round ratio against the column's baseline
     time_ratio_vs_eager: float | None = None
     exact: str | None = None  # against the baseline: bit-identical / within tol / DIFFERS
-    max_rel_diff: float | None = None  # largest relative L2 error of a gradient
+    max_rel_diff: float | None = None  # relative L2 error of the gradients against the baseline
     graphs: int | None = None  # graphs dynamo captured for the column (more than 1: breaks or recompiles)
     graph_breaks: int | None = None
     error: str | None = None
@@ -492,6 +492,9 @@ class _Runner:
     def timed_step(self) -> float:
         synchronize = torch.cuda.synchronize if self.bench.device.type == "cuda" else (lambda: None)
         with self.active():
+            # Switching columns installs or removes kernels: collect that garbage now, so the
+            # collection it would trigger does not land in whichever step comes next.
+            gc.collect()
             synchronize()
             start = time.perf_counter()
             self.step()
@@ -732,7 +735,7 @@ def caption(config: dict[str, Any]) -> str:
         f"exactness: MemSaveMode columns against the same execution without the mode, "
         f"torch.compile against stock eager; gradients compared with torch.equal "
         f"(bit-identical; MemSaveMode columns must be) or, for torch.compile, a relative L2 error of "
-        f"at most {COMPILE_REL_TOL:g} per gradient (within tol)."
+        f"at most {COMPILE_REL_TOL:g} over all gradients (within tol)."
     )
     if config["compile_backend"] == "partition":
         text += (

@@ -220,20 +220,21 @@ class BitMaskCodec(Codec):
     ``high`` where it is 1 -- two values the stock kernel decides on exactly as it did on the
     original.
 
-    ``decide(tensor)`` returns the decision as a fresh bool tensor. ``stand_in_dtype`` maps the
-    original dtype to the stand-in's when backward promotes it anyway (a narrower stand-in
-    means fewer bytes to write and read); by default the stand-in keeps the original dtype.
+    ``decide(tensor)`` returns the decision as a fresh bool tensor. The stand-in has the
+    original dtype: a narrower one would be fewer bytes, but backward would then mix dtypes,
+    which TensorIterator runs through its per-element casting loop (measured on CPU: 4.4 ms
+    instead of 0.9 ms to decode and run ReLU's backward over 2M elements with a bfloat16
+    stand-in for float32).
     """
 
     name = "1-bit mask"
 
-    def __init__(self, decide, low: float = 0.0, high: float = 1.0, stand_in_dtype: dict | None = None) -> None:
+    def __init__(self, decide, low: float = 0.0, high: float = 1.0) -> None:
         self.decide, self.low, self.high = decide, low, high
-        self.stand_in_dtype = stand_in_dtype or {}
 
     def encode(self, tensor: Tensor) -> tuple[tuple[Tensor, ...], object]:
         bits, mask = BitMask.pack(self.decide(tensor))
-        return (bits,), (mask, self.stand_in_dtype.get(tensor.dtype, tensor.dtype))
+        return (bits,), (mask, tensor.dtype)
 
     def decode(self, kept: tuple[Tensor, ...], meta: object) -> Tensor:
         mask, dtype = meta

@@ -17,13 +17,9 @@ from ..saving import BitMaskCodec
 
 aten = torch.ops.aten
 
-# ReLU's and leaky ReLU's backward compare the saved tensor with 0 after promoting it to the
-# gradient's dtype, so a 0/1 stand-in in bfloat16 decides alike and is half the bytes.
-_NARROW = {torch.float32: torch.bfloat16, torch.float64: torch.bfloat16}
-
 # bool(NaN) is True and bool(-0.0) False: exactly "not y <= 0" for every ReLU output.
-_RELU_MASK = BitMaskCodec(torch.Tensor.bool, 0.0, 1.0, _NARROW)
-_POSITIVE_MASK = BitMaskCodec(lambda t: t > 0, 0.0, 1.0, _NARROW)
+_RELU_MASK = BitMaskCodec(torch.Tensor.bool, 0.0, 1.0)
+_POSITIVE_MASK = BitMaskCodec(lambda t: t > 0, 0.0, 1.0)
 
 
 @register_handler(aten.relu.default, aten.relu_.default)
