@@ -284,13 +284,17 @@ def inductor_partition_backend(gm: torch.fx.GraphModule, example_inputs: Sequenc
 
 @contextlib.contextmanager
 def _compile_settings(backend: str) -> Iterator[None]:
-    """The partition backend must neither read nor write the compile caches: their keys do
+    """Compiled random operators draw from PyTorch's generator (Inductor's ``fallback_random``),
+    so that dropout masks, and so gradients, can be compared with eager at all.
+
+    The partition backend must also neither read nor write the compile caches: their keys do
     not include the inner compiler, so it would be handed real Inductor's artifacts (and
     would hand its own to later real compilations)."""
-    if backend != "partition":
-        yield
-        return
-    with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch._inductor.config.patch(fallback_random=True))
+        if backend == "partition":
+            stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+            stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
         yield
 
 
@@ -745,6 +749,8 @@ def caption(config: dict[str, Any]) -> str:
         )
     elif config["compile_backend"] == "inductor":
         text += " Inductor on CPU keeps channels-last copies of the conv weights it saves: they count in kept."
+    if config["compile_backend"] != "none":
+        text += " Compiled random operators use PyTorch's generator (fallback_random), as eager does."
     return text
 
 
