@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from .policy import _Encoded, _Ghosted
-from .report import format_bytes
+from .report import format_bytes, render_text
 
 __all__ = ["audit", "track_modules", "AuditReport", "NodeTypeSummary"]
 
@@ -184,19 +184,7 @@ class AuditReport:
         Console().print(self.table(depth))
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        console = Console(width=140, record=True, file=_Discard())
-        console.print(self.table())
-        return console.export_text()
-
-
-class _Discard:
-    def write(self, _text: str) -> int:
-        return 0
-
-    def flush(self) -> None:
-        pass
+        return render_text(self.table())
 
 
 _OUTSIDE = "(outside any module)"

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["OpTally", "OpReport", "Report", "format_bytes"]
+__all__ = ["OpTally", "OpReport", "Report", "format_bytes", "render_text"]
 
 
 def format_bytes(count: float | None) -> str:
@@ -197,11 +197,16 @@ class Report:
         return table
 
     def __str__(self) -> str:
-        from rich.console import Console
+        return render_text(self.table())
 
-        console = Console(width=140, record=True, file=_NullFile())
-        console.print(self.table())
-        return console.export_text()
+
+def render_text(renderable: Any, width: int = 140) -> str:
+    """A rich renderable (a table) as plain text, printed nowhere."""
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=_NullFile())
+    console.print(renderable)
+    return console.export_text()
 
 
 class _NullFile:
