@@ -54,6 +54,17 @@ def _affine_or_input_needs_grad(input, weight) -> bool:
     return input.requires_grad or (weight is not None and weight.requires_grad)
 
 
+def _input_and_statistics(input, weight, outputs) -> dict:
+    """Layer and group norm: x, mean and rstd serve grad_x and grad_w only."""
+    keep = KEEP if _affine_or_input_needs_grad(input, weight) else DROP
+    return {
+        "input": Saved(input, keep),
+        "result1": Saved(outputs[1], keep),
+        "result2": Saved(outputs[2], keep),
+        "weight": Saved(weight, KEEP),
+    }
+
+
 @register_handler(aten.native_layer_norm.default)
 class NativeLayerNorm(SavingPolicy):
     """y = (x - mean) * rstd * w + b over the last dimensions (``nn.LayerNorm``).
@@ -72,14 +83,7 @@ class NativeLayerNorm(SavingPolicy):
     @staticmethod
     def saved(args, outputs):
         input, _shape, weight, bias = args[:4]
-        keep = KEEP if _affine_or_input_needs_grad(input, weight) else DROP
-        return {
-            "input": Saved(input, keep),
-            "result1": Saved(outputs[1], keep),
-            "result2": Saved(outputs[2], keep),
-            "weight": Saved(weight, KEEP),
-            "bias": Saved(bias, KEEP),
-        }
+        return {**_input_and_statistics(input, weight, outputs), "bias": Saved(bias, KEEP)}
 
 
 @register_handler(aten.native_group_norm.default)
@@ -94,11 +98,4 @@ class NativeGroupNorm(SavingPolicy):
 
     @staticmethod
     def saved(args, outputs):
-        input, weight = args[0], args[1]
-        keep = KEEP if _affine_or_input_needs_grad(input, weight) else DROP
-        return {
-            "input": Saved(input, keep),
-            "result1": Saved(outputs[1], keep),
-            "result2": Saved(outputs[2], keep),
-            "weight": Saved(weight, KEEP),
-        }
+        return _input_and_statistics(args[0], args[1], outputs)
