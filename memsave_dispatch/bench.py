@@ -60,6 +60,8 @@ __all__ = [
     "cpu_peak_bytes",
     "interleaved_times",
     "median_ratio",
+    "running",
+    "time_step",
     "main",
 ]
 
@@ -366,6 +368,31 @@ def interleaved_times(
     return times
 
 
+@contextlib.contextmanager
+def running(mode: MemSaveMode | None) -> Iterator[None]:
+    """Stock PyTorch (the interposing kernels removed, so stock pays nothing for this library
+    being imported), or ``mode``: kernels installed, then the mode entered."""
+    if mode is None:
+        interposer.uninstall()
+        yield
+    else:
+        interposer.install()
+        with mode:
+            yield
+
+
+def time_step(step: Callable[[], Any], synchronize: Callable[[], Any] = lambda: None) -> float:
+    """Seconds ``step()`` takes. Switching between stock and the mode installs or removes
+    kernels: that garbage is collected first, so the collection it would trigger does not land
+    in whichever step comes next."""
+    gc.collect()
+    synchronize()
+    start = time.perf_counter()
+    step()
+    synchronize()
+    return time.perf_counter() - start
+
+
 def median_ratio(times: Sequence[float], baseline: Sequence[float]) -> float:
     """The median of the per-round ratios: robust to a round disturbed for both alike."""
     return statistics.median(t / b for t, b in zip(times, baseline))
@@ -449,12 +476,7 @@ class _Runner:
         graphs = counters["stats"]["unique_graphs"]
         breaks = sum(counters["graph_break"].values())
         try:
-            if self.mode is not None:
-                interposer.install()
-                with self.mode:
-                    yield
-            else:
-                interposer.uninstall()
+            with running(self.mode):
                 yield
         finally:
             self.graphs += counters["stats"]["unique_graphs"] - graphs
@@ -496,14 +518,7 @@ class _Runner:
     def timed_step(self) -> float:
         synchronize = torch.cuda.synchronize if self.bench.device.type == "cuda" else (lambda: None)
         with self.active():
-            # Switching columns installs or removes kernels: collect that garbage now, so the
-            # collection it would trigger does not land in whichever step comes next.
-            gc.collect()
-            synchronize()
-            start = time.perf_counter()
-            self.step()
-            synchronize()
-            return time.perf_counter() - start
+            return time_step(self.step, synchronize)
 
 
 class _CaseSetup:

@@ -13,10 +13,8 @@ excluded, and gradients are compared with torch.equal.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -24,9 +22,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-import memsave_dispatch
 from memsave_dispatch import MemSaveMode, saved_tensor_bytes
-from memsave_dispatch.bench import interleaved_times, median_ratio
+from memsave_dispatch.bench import interleaved_times, median_ratio, running, time_step
 from memsave_dispatch.models import freeze, resnet18, set_batchnorm_eval
 from memsave_dispatch.report import format_bytes
 
@@ -68,19 +65,12 @@ def run_case(case: str, batch: int, size: int, pairs: int, progress=None, task=N
         optimizer.step()
 
     def stock_step() -> float:
-        memsave_dispatch.uninstall()
-        gc.collect()  # the garbage of switching kernels must not be collected inside a timed step
-        start = time.perf_counter()
-        step()
-        return time.perf_counter() - start
+        with running(None):
+            return time_step(step)
 
     def mode_step() -> float:
-        memsave_dispatch.install()  # once per process in real use: not part of a step
-        gc.collect()
-        start = time.perf_counter()
-        with mode:
-            step()
-        return time.perf_counter() - start
+        with running(mode):
+            return time_step(step)
 
     # Exactness and bytes first (different model instances so the timing model stays warm).
     reference, candidate = _build(case), _build(case)
