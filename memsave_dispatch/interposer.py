@@ -170,6 +170,8 @@ def _keyset_of(keys) -> torch._C.DispatchKeySet:
 # Masking a call's key set with this leaves the autograd key it runs under on top (the Python
 # dispatcher, autocast and other keys can sit above it).
 _AUTOGRAD_KEYS = _keyset_of(_RUNTIME_KEYS)
+_AUTOGRAD_CPU = DispatchKey.AutogradCPU
+_DisableTorchFunction = torch._C.DisableTorchFunction
 
 
 def _make_kernel(op: OpOverload, stocks: dict):
@@ -177,14 +179,15 @@ def _make_kernel(op: OpOverload, stocks: dict):
 
     def kernel(keyset, *args, **kwargs):
         key = (keyset & _AUTOGRAD_KEYS).highestPriorityTypeId()
-        stock = cpu_stock if key == DispatchKey.AutogradCPU else stocks[key]
+        stock = cpu_stock if key == _AUTOGRAD_CPU else stocks[key]
         modes = _thread.modes
-        if not modes:
+        entry = modes[-1]._entries.get(op) if modes else None  # the handler, as of the mode's entry
+        if entry is None:
             return stock.call_boxed(keyset, *args, **kwargs)
         # The mode's own __torch_function__ has nothing to do with the library's internal
         # tensor calls; with it off they skip a Python round trip each.
-        with torch._C.DisableTorchFunction():
-            return _route(op, DEVICES.get(key, key), stock, modes[-1], keyset, args, kwargs)
+        with _DisableTorchFunction():
+            return _route(entry, DEVICES.get(key, key), stock, modes[-1], keyset, args, kwargs)
 
     kernel.__name__ = f"memsave_{op._opname}"
     _run_without_dynamo(kernel.__code__)
@@ -207,10 +210,7 @@ def _run_without_dynamo(code) -> None:
     set_code_exec_strategy(code, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))
 
 
-def _route(op: OpOverload, device: str | DispatchKey, stock, mode, keyset, args: tuple, kwargs: dict):
-    entry = mode._entries.get(op)  # the handlers this mode enabled, as of its entry
-    if entry is None:
-        return stock.call_boxed(keyset, *args, **kwargs)
+def _route(entry, device: str | DispatchKey, stock, mode, keyset, args: tuple, kwargs: dict):
     handler = entry.handler
     full_arguments = entry.full_arguments(args, kwargs)
     if not torch.is_grad_enabled():
@@ -224,7 +224,7 @@ def _route(op: OpOverload, device: str | DispatchKey, stock, mode, keyset, args:
         if reason is None and entry.is_policy:
             return _run_policy(entry, stock, keyset, args, kwargs, full_arguments)
     if reason is not None:
-        accounting.record_stock(op, entry.family, reason)
+        accounting.record_stock(entry.op, entry.family, reason)
         return stock.call_boxed(keyset, *args, **kwargs)
     return entry.function.apply_untransformed(*full_arguments)
 

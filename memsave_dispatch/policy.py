@@ -151,14 +151,14 @@ class _Encoded:
             self.encode(tensor)
 
     def encode(self, tensor: Tensor) -> None:
-        with torch.no_grad():
-            encoded, self.meta = self.codec.encode(tensor)
+        # detached: the encoding is no part of the graph (cheaper than a no_grad block)
+        encoded, self.meta = self.codec.encode(tensor.detach())
         self.nbytes = accounting.storage_bytes(encoded)
-        self.kept = tuple(self._user_pack(t) for t in encoded)
+        self.kept = tuple(encoded) if self.user_hooks is None else tuple(self._user_pack(t) for t in encoded)
         self.deferred = False
 
     def unpack(self, _packed: None) -> Tensor:
-        kept = tuple(self._user_unpack(p) for p in self.kept)
+        kept = self.kept if self.user_hooks is None else tuple(self._user_unpack(p) for p in self.kept)
         if self.deferred:
             return kept[0]
         with torch._C.DisableTorchFunction():

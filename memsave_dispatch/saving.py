@@ -15,6 +15,7 @@ kernel's shared zero page: no physical memory, no allocator traffic.
 
 from __future__ import annotations
 
+import math
 import mmap
 import threading
 import sys
@@ -147,15 +148,24 @@ class BitMask(NamedTuple):
         words = flat.view(torch.uint8).view(torch.int64)  # eight 0/1 bytes per word
         return _gather_bits(words), BitMask(mask.shape, mask.stride(), numel)
 
+    def bytes(self, bits: Tensor) -> Tensor:
+        """Every bit as a 0/1 byte, flat, in memory order: one 8-byte gather per byte of bits
+        (a gather of int64 words runs several times faster than one of 8-element rows)."""
+        return _spread_bits(bits)[: self.numel]
+
+    def laid_out(self, flat: Tensor) -> Tensor:
+        """``flat`` (one value per bit, memory order) with the mask's sizes and strides."""
+        return flat.as_strided(self.shape, self.stride)
+
     def lookup(self, bits: Tensor, table: Tensor) -> Tensor:
         """Every bit through ``table`` (256 x 8: the eight values of each byte pattern), laid
         out like the packed mask: one gather per byte of bits, no per-bit arithmetic."""
         values = torch.index_select(table, 0, bits.to(torch.int32)).view(-1)
-        return values[: self.numel].as_strided(self.shape, self.stride)
+        return self.laid_out(values[: self.numel])
 
     def unpack(self, bits: Tensor) -> Tensor:
         """The bool mask itself."""
-        return self.lookup(bits, _BIT_VALUES[torch.bool])
+        return self.laid_out(self.bytes(bits).view(torch.bool))
 
 
 def _gather_bits_by_shifts(words: Tensor) -> Tensor:
@@ -174,26 +184,45 @@ def _gather_bits_by_multiply(words: Tensor) -> Tensor:
     return (words * 0x0102040810204080).view(torch.uint8)[7::8].clone()
 
 
-def _pick_gather() -> Callable[[Tensor], Tensor]:
-    patterns = torch.tensor([[(byte >> j) & 1 for j in range(8)] for byte in range(256)], dtype=torch.uint8)
-    words = patterns.view(torch.int64).view(-1)
-    expected = torch.arange(256).to(torch.uint8)
-    if sys.byteorder == "little" and torch.equal(_gather_bits_by_multiply(words), expected):
-        return _gather_bits_by_multiply
-    return _gather_bits_by_shifts
+def _spread_bits_by_words(bits: Tensor) -> Tensor:
+    """The inverse: one int64 word of eight 0/1 bytes per byte of bits, read as bytes."""
+    return torch.index_select(_SPREAD_WORDS, 0, bits.to(torch.int32)).view(torch.uint8)
+
+
+def _spread_bits_by_rows(bits: Tensor) -> Tensor:
+    return torch.index_select(_BIT_VALUES[torch.uint8], 0, bits.to(torch.int32)).view(-1)
+
+
+def _byte_patterns() -> Tensor:
+    """256 x 8 uint8: entry [byte, j] is bit j of ``byte``."""
+    return torch.tensor([[(byte >> j) & 1 for j in range(8)] for byte in range(256)], dtype=torch.uint8)
+
+
+def _pick_codecs() -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """The fast packing and unpacking when they are exact on this machine, else the portable
+    ones."""
+    words = _byte_patterns().view(torch.int64).view(-1)
+    every_byte = torch.arange(256).to(torch.uint8)
+    little = sys.byteorder == "little"
+    gather = _gather_bits_by_multiply
+    if not (little and torch.equal(_gather_bits_by_multiply(words), every_byte)):
+        gather = _gather_bits_by_shifts
+    spread = _spread_bits_by_words if little else _spread_bits_by_rows
+    return gather, spread
 
 
 def _bit_values(dtype: torch.dtype) -> Tensor:
     """256 x 8 table: entry [byte, j] is 1 if bit j of ``byte`` is set, else 0, in ``dtype``."""
-    return torch.tensor([[(byte >> j) & 1 for j in range(8)] for byte in range(256)]).to(dtype)
+    return _byte_patterns().to(dtype)
 
 
 # Built at import: a table first built while torch.compile traces would be a fake tensor.
 _BIT_VALUES = {
     dtype: _bit_values(dtype)
-    for dtype in (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    for dtype in (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 }
-_gather_bits = _pick_gather()
+_SPREAD_WORDS = _byte_patterns().view(torch.int64).view(-1)
+_gather_bits, _spread_bits = _pick_codecs()
 
 
 class Codec:
@@ -231,6 +260,8 @@ class BitMaskCodec(Codec):
 
     def __init__(self, decide, low: float = 0.0, high: float = 1.0) -> None:
         self.decide, self.low, self.high = decide, low, high
+        # +0.0 and 1.0 are what converting the bytes 0 and 1 gives, in every dtype
+        self._zero_one = low == 0 and math.copysign(1.0, low) > 0 and high == 1 and not isinstance(high, bool)
 
     def encode(self, tensor: Tensor) -> tuple[tuple[Tensor, ...], object]:
         bits, mask = BitMask.pack(self.decide(tensor))
@@ -238,12 +269,16 @@ class BitMaskCodec(Codec):
 
     def decode(self, kept: tuple[Tensor, ...], meta: object) -> Tensor:
         mask, dtype = meta
+        if self._zero_one:  # ReLU's and leaky ReLU's: bytes converted, one fast pass
+            return mask.laid_out(mask.bytes(kept[0]).to(dtype))
+        if dtype is torch.bool and self.low is False and self.high is True:
+            return mask.unpack(kept[0])
         return mask.lookup(kept[0], two_value_table(dtype, self.low, self.high))
 
 
 def two_value_table(dtype: torch.dtype, low: float, high: float) -> Tensor:
     """256 x 8 table: entry [byte, j] is ``high`` if bit j of ``byte`` is set, else ``low``."""
-    key = (dtype, low, high)
+    key = _table_key(dtype, low, high)
     table = _TWO_VALUE_TABLES.get(key)
     if table is None:
         bits = _BIT_VALUES[torch.bool]
@@ -252,6 +287,11 @@ def two_value_table(dtype: torch.dtype, low: float, high: float) -> Tensor:
     return table
 
 
+def _table_key(dtype: torch.dtype, low: float, high: float) -> tuple:
+    # -0.0 == 0.0, but a stand-in must hold the very value asked for
+    return dtype, low, high, math.copysign(1.0, low), math.copysign(1.0, high)
+
+
 # Built at import for the common pairs: a table first built while torch.compile traces would be
 # a fake tensor (encodings are not made while tracing, so the others are safe to build lazily).
-_TWO_VALUE_TABLES: dict[tuple, Tensor] = {(dtype, 0.0, 1.0): table for dtype, table in _BIT_VALUES.items()}
+_TWO_VALUE_TABLES: dict[tuple, Tensor] = {_table_key(dtype, 0.0, 1.0): table for dtype, table in _BIT_VALUES.items()}

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..interposer import caller_holds_outputs
 from ..policy import DROP, KEEP, Encode, Saved, encodings_enabled
 from ..registry import SavingPolicy, register_handler
-from ..saving import BitMask, Codec, two_value_table
+from ..saving import BitMask, Codec
 
 aten = torch.ops.aten
 
@@ -103,15 +103,13 @@ class WindowOffsetCodec(Codec):
     def decode(self, kept: tuple[Tensor, ...], meta: object) -> Tensor:
         if self.two_bits:
             (shape, stride), mask = meta
-            low, high = (mask.lookup(bits, _BIT_BYTES).reshape(-1) for bits in kept)
+            low, high = (mask.bytes(bits) for bits in kept)
             offsets = low.bitwise_or_(high.bitwise_left_shift_(1))
         else:
             (shape, stride), offsets = meta, kept[0]
         steps = torch.index_select(self.windows.deltas, 0, offsets.to(torch.int32))
         return steps.as_strided(shape, stride).add_(self.windows.origin)
 
-
-_BIT_BYTES = two_value_table(torch.uint8, 0, 1)
 
 
 _WINDOWS_CACHE: OrderedDict = OrderedDict()
