@@ -42,19 +42,17 @@ def storage_bytes(tensors: Iterable[Tensor | None], tracing: bool = False) -> in
     return sum(sizes.values())
 
 
-def stock_and_kept_bytes(stock: list[Tensor], kept: list[Tensor], tracing: bool) -> tuple[int, int]:
-    """Both byte counts in one pass over ``stock``; ``kept`` is a subset of it (by identity)."""
-    kept_ids = {id(tensor) for tensor in kept}
+def stock_and_kept_bytes(stock: list[Tensor], kept: list[bool], tracing: bool) -> tuple[int, int]:
+    """Bytes of the distinct storages behind ``stock``, and behind those of them flagged in
+    ``kept``, in one pass."""
     stock_sizes: dict[int, int] = {}
     kept_sizes: dict[int, int] = {}
-    for tensor in stock:
+    for tensor, keep in zip(stock, kept):
         found = _storage_of(tensor, tracing)
-        if found is None:
-            continue
-        address, nbytes = found
-        stock_sizes[address] = nbytes
-        if id(tensor) in kept_ids:
-            kept_sizes[address] = nbytes
+        if found is not None:
+            stock_sizes[found[0]] = found[1]
+            if keep:
+                kept_sizes[found[0]] = found[1]
     return sum(stock_sizes.values()), sum(kept_sizes.values())
 
 

@@ -176,12 +176,13 @@ _DisableTorchFunction = torch._C.DisableTorchFunction
 
 def _make_kernel(op: OpOverload, stocks: dict):
     cpu_stock = stocks.get(DispatchKey.AutogradCPU)
+    op_id = id(op)
 
     def kernel(keyset, *args, **kwargs):
         key = (keyset & _AUTOGRAD_KEYS).highestPriorityTypeId()
         stock = cpu_stock if key == _AUTOGRAD_CPU else stocks[key]
         modes = _thread.modes
-        entry = modes[-1]._entries.get(op) if modes else None  # the handler, as of the mode's entry
+        entry = modes[-1]._entries_by_id.get(op_id) if modes else None  # as of the mode's entry
         if entry is None:
             return stock.call_boxed(keyset, *args, **kwargs)
         # The mode's own __torch_function__ has nothing to do with the library's internal
@@ -212,8 +213,8 @@ def _run_without_dynamo(code) -> None:
 
 def _route(entry, device: str | DispatchKey, stock, mode, keyset, args: tuple, kwargs: dict):
     handler = entry.handler
-    full_arguments = entry.full_arguments(args, kwargs)
-    if not torch.is_grad_enabled():
+    full_arguments = entry.full_arguments(args, kwargs) if kwargs or len(args) < entry.arity else args
+    if not _is_grad_enabled():
         reason = "grad mode off"
     elif handler.can_save is not None and not handler.can_save(*full_arguments):
         reason = "nothing to save"  # decided first: it is the cheapest way back to stock
@@ -230,7 +231,7 @@ def _route(entry, device: str | DispatchKey, stock, mode, keyset, args: tuple, k
 
 
 def _run_policy(entry, stock, keyset, args: tuple, kwargs: dict, full_arguments: tuple):
-    user_hooks = policy.default_hooks()
+    user_hooks = _top_default_hooks(False)
     if user_hooks is None:
         outputs = stock.call_boxed(keyset, *args, **kwargs)
     elif policy.is_checkpoint_hooks(user_hooks) or not torch._C._autograd._saved_tensors_hooks_is_enabled():
@@ -262,14 +263,17 @@ def _reason_for_stock(entry, device, mode, args: tuple, kwargs: dict) -> str | N
     """Why this call must run stock PyTorch, or None when the handler may take it."""
     if device not in mode.devices or device not in entry.handler.devices:
         return _not_enabled(device)
-    if torch._C._are_functorch_transforms_active():
+    if _functorch_transforms_active():
         return "functorch transform"
-    if torch._C._get_tracing_state() is not None:
+    if _jit_tracing_state() is not None:
         return "torch.jit tracing"
-    if forward_ad._current_level >= 0 and not entry.is_policy:
+    forward_ad_on = forward_ad._current_level >= 0
+    if forward_ad_on and not entry.is_policy:
         return "forward-mode AD"  # a Handler's Function has no jvp; policies keep stock's
     needs_grad = False
     for tensor in entry.tensor_arguments(args, kwargs):
+        if tensor is None:
+            continue
         kind = tensor.__class__
         if kind is not Tensor and kind is not Parameter:
             problem = _unsupported_tensor_type(kind)
@@ -277,17 +281,21 @@ def _reason_for_stock(entry, device, mode, args: tuple, kwargs: dict) -> str | N
                 return problem
         if tensor.layout is not _STRIDED:
             return f"layout {str(tensor.layout).removeprefix('torch.')}"
-        dtype = tensor.dtype
-        if dtype in _UNSUPPORTED_DTYPES:
-            return _UNSUPPORTED_DTYPES[dtype]
-        if tensor._is_zerotensor():
+        if tensor.dtype in _UNSUPPORTED_DTYPES:
+            return _UNSUPPORTED_DTYPES[tensor.dtype]
+        if forward_ad_on and tensor._is_zerotensor():
             return "efficient zero tensor"  # forward-AD formulas pass these for absent tangents
-        needs_grad = needs_grad or tensor.requires_grad
+        if tensor.requires_grad:
+            needs_grad = True
     if not needs_grad:
         return "no input requires grad"
     return None
 
 
+_is_grad_enabled = torch.is_grad_enabled
+_functorch_transforms_active = torch._C._are_functorch_transforms_active
+_jit_tracing_state = torch._C._get_tracing_state
+_top_default_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 _TRACING_TENSORS = ("FunctionalTensor", "FakeTensor")
 _STRIDED = torch.strided
 # One dtype lookup instead of is_complex() and is_quantized per tensor.

@@ -131,7 +131,8 @@ class MemSaveMode(TorchFunctionMode):
             )
         self._ops = self._select_ops()  # validates selectors now, refreshed on every entry
         self._entries: dict = {}
-        self._tallies: dict[OpOverload, OpTally] = {}
+        self._entries_by_id: dict[int, registry.HandlerEntry] = {}  # id(op): OpOverload hashes in Python
+        self._tallies: dict[int, OpTally] = {}  # by id(op), likewise
         self._tallies_lock = threading.Lock()
 
     # -- selection -------------------------------------------------------------------
@@ -149,6 +150,7 @@ class MemSaveMode(TorchFunctionMode):
     def __enter__(self) -> MemSaveMode:
         self._ops = self._select_ops()
         self._entries = {op: registry.handler_for(op) for op in self._ops}
+        self._entries_by_id = {id(op): entry for op, entry in self._entries.items()}
         interposer.install()
         _compile_cache_tag.enter(self._fingerprint())
         interposer.push_mode(self)
@@ -183,10 +185,10 @@ class MemSaveMode(TorchFunctionMode):
 
     # -- report ----------------------------------------------------------------------
     def _tally(self, op: OpOverload, family: str) -> OpTally:
-        tally = self._tallies.get(op)
+        tally = self._tallies.get(id(op))
         if tally is None:
             with self._tallies_lock:
-                tally = self._tallies.setdefault(op, OpTally(str(op), family))
+                tally = self._tallies.setdefault(id(op), OpTally(str(op), family))
         return tally
 
     def report(self) -> Report:

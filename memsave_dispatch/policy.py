@@ -299,18 +299,22 @@ def apply_policy(
 ) -> None:
     """Carry out ``saved`` on ``node``, the node stock just created; count it in ``modes``."""
     tracing = torch.compiler.is_compiling()
-    stock_tensors, kept_tensors, labels = [], [], []
+    stock_tensors: list[Tensor] = []
+    kept_flags: list[bool] = []  # per stock tensor: still held by the node
+    labels: list[str] = []
     encoded_bytes = 0
     decided_slots = []  # slots given hooks of ours; the user's hooks go on all the others
     deferred = []
+    pending = _deferred.by_tensor
     for name, (tensor, decision) in saved.items():
         if tensor is None:
             continue
         stock_tensors.append(tensor)
         if decision is KEEP or (tracing and isinstance(decision, Encode)) or tensor.numel() == 0:
             # (encodings are eager-only: tracing keeps the tensor; an empty one costs nothing)
-            kept_tensors.append(tensor)
-            _kept(tensor)
+            kept_flags.append(True)
+            if pending and tensor.requires_grad:  # (only graph outputs are ever deferred)
+                _kept(tensor)
             continue
         if not isinstance(decision, Decision):
             raise TypeError(
@@ -323,17 +327,20 @@ def apply_policy(
         if decision is DROP:
             holder = _Ghosted()
             slot.register_hooks(holder.pack, holder.unpack)
-            _released(tensor)
+            kept_flags.append(False)
+            if pending:
+                _released(tensor)
         elif isinstance(decision, Encode):
             holder = _Encoded(decision.codec, user_hooks)
             slot.register_hooks(holder.pack, holder.unpack)
+            kept_flags.append(False)
             encoded_bytes += holder.nbytes
         elif isinstance(decision, EncodeWhenReleased):
             holder = None
             if user_hooks is not None:
                 holder = _Encoded(decision.codec, user_hooks, deferred=True)
                 slot.register_hooks(holder.pack, holder.unpack)
-            kept_tensors.append(tensor)
+            kept_flags.append(True)
             if not tracing:
                 deferred.append((tensor, name, decision.codec, holder))
         else:
@@ -344,7 +351,7 @@ def apply_policy(
         for name in _slot_names(node):
             if name not in decided_slots:
                 _register_user_hooks(getattr(node, "_raw_saved_" + name), user_hooks)
-    stock_bytes, kept_bytes = accounting.stock_and_kept_bytes(stock_tensors, kept_tensors, tracing)
+    stock_bytes, kept_bytes = accounting.stock_and_kept_bytes(stock_tensors, kept_flags, tracing)
     kept_bytes += encoded_bytes
     tallies = [mode._tally(op, family) for mode in modes]
     for tally in tallies:

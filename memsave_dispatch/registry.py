@@ -35,6 +35,7 @@ Both receive every operator argument positionally, defaults filled in.
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -124,6 +125,8 @@ class HandlerEntry:
     tensor_positions: tuple[int, ...]  # positional arguments typed Tensor, Tensor? or Tensor[]
     tensor_kwargs: tuple[str, ...]  # keyword-only arguments typed so
     plain_tensor_positions: bool = False  # every tensor argument is a positional Tensor or Tensor?
+    pick_tensors: Callable[[tuple], tuple] | None = None  # args -> the tensor_positions, as a tuple
+    arity: int = 0  # schema arguments, keyword-only ones included: a call with fewer needs defaults
 
     @property
     def is_policy(self) -> bool:
@@ -137,11 +140,11 @@ class HandlerEntry:
             args = args + tuple(kwargs.get(name, default) for name, default in self.kwarg_defaults)
         return args
 
-    def tensor_arguments(self, args: tuple, kwargs: dict) -> list[Tensor]:
-        """The tensors among the arguments of a boxed call (lists flattened)."""
-        if self.plain_tensor_positions and not kwargs:  # the common case, in one comprehension
-            count = len(args)
-            return [args[i] for i in self.tensor_positions if i < count and args[i].__class__ is not _NONE]
+    def tensor_arguments(self, args: tuple, kwargs: dict) -> Sequence[Tensor | None]:
+        """The tensors among the arguments of a boxed call (lists flattened; absent optional
+        ones may be None)."""
+        if self.plain_tensor_positions and not kwargs and len(args) > self.tensor_positions[-1]:
+            return self.pick_tensors(args)  # the common case: one C-level itemgetter
         found: list[Tensor] = []
         count = len(args)
         for position in self.tensor_positions:
@@ -152,7 +155,6 @@ class HandlerEntry:
         return found
 
 
-_NONE = type(None)
 
 
 def _collect_tensors(value: Any, found: list) -> None:
@@ -301,6 +303,10 @@ def _make_entry(op: OpOverload, handler: type) -> HandlerEntry:
     def default(argument) -> Any:
         return argument.default_value if argument.has_default_value() else _REQUIRED
 
+    tensor_positions = tuple(i for i, a in enumerate(positional) if _is_tensor_typed(a))
+    plain = not any(_is_tensor_typed(a) for a in keyword_only) and all(
+        str(a.type) in ("Tensor", "Optional[Tensor]") for a in positional if _is_tensor_typed(a)
+    )
     return HandlerEntry(
         op=op,
         handler=handler,
@@ -308,11 +314,18 @@ def _make_entry(op: OpOverload, handler: type) -> HandlerEntry:
         function=None if issubclass(handler, SavingPolicy) else _build_function(op, handler),
         defaults=tuple(default(a) for a in positional),
         kwarg_defaults=tuple((a.name, default(a)) for a in keyword_only),
-        tensor_positions=tuple(i for i, a in enumerate(positional) if _is_tensor_typed(a)),
+        tensor_positions=tensor_positions,
         tensor_kwargs=tuple(a.name for a in keyword_only if _is_tensor_typed(a)),
-        plain_tensor_positions=not any(_is_tensor_typed(a) for a in keyword_only)
-        and all(str(a.type) in ("Tensor", "Optional[Tensor]") for a in positional if _is_tensor_typed(a)),
+        plain_tensor_positions=plain and bool(tensor_positions),
+        pick_tensors=_tuple_getter(tensor_positions) if plain and tensor_positions else None,
+        arity=len(arguments),
     )
+
+
+def _tuple_getter(positions: tuple[int, ...]) -> Callable[[tuple], tuple]:
+    """``args -> tuple(args[i] for i in positions)`` in C (itemgetter returns a bare item for
+    one position, so that case asks for it twice)."""
+    return operator.itemgetter(*positions) if len(positions) > 1 else operator.itemgetter(positions[0], positions[0])
 
 
 def unregister_handler(op: OpOverload) -> type:

@@ -52,8 +52,9 @@ class OpTally:
                 return
             self.handled += 1
             self.kept_bytes += kept_bytes
+            counts = self.encodings
             for encoding in encodings:
-                self.encodings[encoding] += 1
+                counts[encoding] = counts.get(encoding, 0) + 1
             if stock_bytes is None:
                 self.stock_unknown = True
             else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import operator
 import threading
 import sys
 from collections.abc import Callable
@@ -81,11 +82,13 @@ class TensorLayout(NamedTuple):
 
     @classmethod
     def of(cls, tensor: Tensor) -> TensorLayout:
-        if tensor.__class__ is Tensor or tensor.__class__ is torch.nn.Parameter:
-            phase = (tensor.data_ptr() % _ALIGNMENT) // tensor.element_size()
+        dtype = tensor.dtype
+        kind = tensor.__class__
+        if kind is Tensor or kind is torch.nn.Parameter:
+            phase = (tensor.data_ptr() % _ALIGNMENT) // dtype.itemsize
         else:  # tracing tensors (functional, fake) have no address
             phase = -1
-        return cls(tensor.shape, tensor.stride(), tensor.dtype, tensor.device, phase)
+        return cls(tensor.shape, tensor.stride(), dtype, tensor.device, phase)
 
     def ghost(self) -> Tensor:
         return ghost_like(self)
@@ -100,7 +103,8 @@ def ghost_like(layout: TensorLayout) -> Tensor:
     """
     if layout.phase < 0 or layout.device.type != "cpu":
         return torch.empty((), dtype=layout.dtype, device=layout.device).expand(layout.shape)
-    extent = 0 if 0 in layout.shape else 1 + sum((n - 1) * step for n, step in zip(layout.shape, layout.stride))
+    # elements spanned: 1 + sum((n - 1) * step), as two C-level sums
+    extent = 0 if 0 in layout.shape else 1 + sum(map(operator.mul, layout.shape, layout.stride)) - sum(layout.stride)
     nbytes = (layout.phase + extent) * layout.dtype.itemsize + _ALIGNMENT
     zeros = _zero_pages.view(layout.dtype, nbytes)
     return zeros.as_strided(layout.shape, layout.stride, layout.phase)
@@ -140,32 +144,30 @@ class BitMask(NamedTuple):
 
     @staticmethod
     def pack(mask: Tensor) -> tuple[Tensor, BitMask]:
-        """Pack a freshly computed (dense, offset-0) bool tensor into bits."""
+        """Pack a freshly computed (dense, offset-0) bool tensor into bits. The mask's own
+        memory is the scratch space: it is overwritten."""
         numel = mask.numel()
         flat = mask.as_strided((numel,), (1,))
         if numel % 8:
             flat = torch.cat([flat, flat.new_zeros(8 - numel % 8)])
-        words = flat.view(torch.uint8).view(torch.int64)  # eight 0/1 bytes per word
-        return _gather_bits(words), BitMask(mask.shape, mask.stride(), numel)
-
-    def bytes(self, bits: Tensor) -> Tensor:
-        """Every bit as a 0/1 byte, flat, in memory order: one 8-byte gather per byte of bits
-        (a gather of int64 words runs several times faster than one of 8-element rows)."""
-        return _spread_bits(bits)[: self.numel]
-
-    def laid_out(self, flat: Tensor) -> Tensor:
-        """``flat`` (one value per bit, memory order) with the mask's sizes and strides."""
-        return flat.as_strided(self.shape, self.stride)
+        return _gather_bits(flat.view(torch.int64)), BitMask(mask.shape, mask.stride(), numel)
 
     def lookup(self, bits: Tensor, table: Tensor) -> Tensor:
         """Every bit through ``table`` (256 x 8: the eight values of each byte pattern), laid
-        out like the packed mask: one gather per byte of bits, no per-bit arithmetic."""
-        values = torch.index_select(table, 0, bits.to(torch.int32)).view(-1)
-        return self.laid_out(values[: self.numel])
+        out like the packed mask: one gather per byte of bits, no per-bit arithmetic.
+
+        Three operator calls: in a training step caches are cold between layers and every call
+        costs tens of microseconds, more than a leaner gather would save."""
+        values = torch.index_select(table, 0, bits.to(torch.int32))
+        return values.as_strided(self.shape, self.stride)  # the padding after numel is ignored
 
     def unpack(self, bits: Tensor) -> Tensor:
         """The bool mask itself."""
-        return self.laid_out(self.bytes(bits).view(torch.bool))
+        return self.lookup(bits, _BIT_VALUES[torch.bool])
+
+    def bytes(self, bits: Tensor) -> Tensor:
+        """Every bit as a 0/1 byte, laid out like the mask."""
+        return self.lookup(bits, _BIT_VALUES[torch.uint8])
 
 
 def _gather_bits_by_shifts(words: Tensor) -> Tensor:
@@ -178,19 +180,10 @@ def _gather_bits_by_shifts(words: Tensor) -> Tensor:
 
 
 def _gather_bits_by_multiply(words: Tensor) -> Tensor:
-    """Same in fewer passes: one multiply lines the eight bits up in the top byte, which is
-    read in place (little-endian byte 7). Relies on int64 products wrapping around and on
-    the byte order; both are checked once at import."""
-    return (words * 0x0102040810204080).view(torch.uint8)[7::8].clone()
-
-
-def _spread_bits_by_words(bits: Tensor) -> Tensor:
-    """The inverse: one int64 word of eight 0/1 bytes per byte of bits, read as bytes."""
-    return torch.index_select(_SPREAD_WORDS, 0, bits.to(torch.int32)).view(torch.uint8)
-
-
-def _spread_bits_by_rows(bits: Tensor) -> Tensor:
-    return torch.index_select(_BIT_VALUES[torch.uint8], 0, bits.to(torch.int32)).view(-1)
+    """Same in fewer passes: one multiply lines the eight bits up in the top byte, shifted
+    down and kept. In place (``words`` is scratch). Relies on int64 products wrapping around
+    and on the byte order; both are checked once at import."""
+    return words.mul_(0x0102040810204080).bitwise_right_shift_(56).to(torch.uint8)
 
 
 def _byte_patterns() -> Tensor:
@@ -198,17 +191,12 @@ def _byte_patterns() -> Tensor:
     return torch.tensor([[(byte >> j) & 1 for j in range(8)] for byte in range(256)], dtype=torch.uint8)
 
 
-def _pick_codecs() -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
-    """The fast packing and unpacking when they are exact on this machine, else the portable
-    ones."""
-    words = _byte_patterns().view(torch.int64).view(-1)
+def _pick_gather() -> Callable[[Tensor], Tensor]:
     every_byte = torch.arange(256).to(torch.uint8)
-    little = sys.byteorder == "little"
-    gather = _gather_bits_by_multiply
-    if not (little and torch.equal(_gather_bits_by_multiply(words), every_byte)):
-        gather = _gather_bits_by_shifts
-    spread = _spread_bits_by_words if little else _spread_bits_by_rows
-    return gather, spread
+    words = _byte_patterns().view(torch.int64).view(-1)
+    if sys.byteorder == "little" and torch.equal(_gather_bits_by_multiply(words), every_byte):
+        return _gather_bits_by_multiply
+    return _gather_bits_by_shifts
 
 
 def _bit_values(dtype: torch.dtype) -> Tensor:
@@ -221,8 +209,7 @@ _BIT_VALUES = {
     dtype: _bit_values(dtype)
     for dtype in (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 }
-_SPREAD_WORDS = _byte_patterns().view(torch.int64).view(-1)
-_gather_bits, _spread_bits = _pick_codecs()
+_gather_bits = _pick_gather()
 
 
 class Codec:
@@ -260,19 +247,16 @@ class BitMaskCodec(Codec):
 
     def __init__(self, decide, low: float = 0.0, high: float = 1.0) -> None:
         self.decide, self.low, self.high = decide, low, high
-        # +0.0 and 1.0 are what converting the bytes 0 and 1 gives, in every dtype
-        self._zero_one = low == 0 and math.copysign(1.0, low) > 0 and high == 1 and not isinstance(high, bool)
 
     def encode(self, tensor: Tensor) -> tuple[tuple[Tensor, ...], object]:
-        bits, mask = BitMask.pack(self.decide(tensor))
+        decided = self.decide(tensor)
+        if decided is tensor:  # (a bool tensor's .bool() is itself) packing overwrites it
+            decided = decided.clone()
+        bits, mask = BitMask.pack(decided)
         return (bits,), (mask, tensor.dtype)
 
     def decode(self, kept: tuple[Tensor, ...], meta: object) -> Tensor:
         mask, dtype = meta
-        if self._zero_one:  # ReLU's and leaky ReLU's: bytes converted, one fast pass
-            return mask.laid_out(mask.bytes(kept[0]).to(dtype))
-        if dtype is torch.bool and self.low is False and self.high is True:
-            return mask.unpack(kept[0])
         return mask.lookup(kept[0], two_value_table(dtype, self.low, self.high))
 
 
