@@ -103,11 +103,24 @@ def ghost_like(layout: TensorLayout) -> Tensor:
     """
     if layout.phase < 0 or layout.device.type != "cpu":
         return torch.empty((), dtype=layout.dtype, device=layout.device).expand(layout.shape)
-    # elements spanned: 1 + sum((n - 1) * step), as two C-level sums
-    extent = 0 if 0 in layout.shape else 1 + sum(map(operator.mul, layout.shape, layout.stride)) - sum(layout.stride)
-    nbytes = (layout.phase + extent) * layout.dtype.itemsize + _ALIGNMENT
-    zeros = _zero_pages.view(layout.dtype, nbytes)
-    return zeros.as_strided(layout.shape, layout.stride, layout.phase)
+    # Ghosts are never written and autograd wraps what an unpack hook returns in a variable of
+    # its own, so one ghost per layout serves every node (a backward pass asks for the same few
+    # layouts again and again, and each fresh view costs tens of microseconds there).
+    ghost = _ghosts.get(layout)
+    if ghost is None:
+        # elements spanned: 1 + sum((n - 1) * step), as two C-level sums
+        extent = 0 if 0 in layout.shape else 1 + sum(map(operator.mul, layout.shape, layout.stride)) - sum(layout.stride)
+        nbytes = (layout.phase + extent) * layout.dtype.itemsize + _ALIGNMENT
+        zeros = _zero_pages.view(layout.dtype, nbytes)
+        ghost = zeros.as_strided(layout.shape, layout.stride, layout.phase)
+        if len(_ghosts) >= _MAX_GHOSTS:
+            _ghosts.clear()
+        _ghosts[layout] = ghost
+    return ghost
+
+
+_MAX_GHOSTS = 1024
+_ghosts: dict[TensorLayout, Tensor] = {}
 
 
 def save_needed(ctx, *candidates: tuple[Tensor | None, bool]) -> None:

@@ -69,3 +69,17 @@ def test_bool_codec_decodes_the_mask_and_leaves_it_alone(decide):
     kept, meta = codec.encode(mask)
     assert torch.equal(mask, original)  # (a bool tensor's .bool() is the tensor itself)
     assert torch.equal(codec.decode(kept, meta), mask)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_ghost_has_the_layout_reads_zero_and_is_shared_per_layout(channels_last, dtype):
+    tensor = torch.randn(2, 3, 5, 7, dtype=dtype)
+    if channels_last:
+        tensor = tensor.contiguous(memory_format=torch.channels_last)
+    layout = saving.TensorLayout.of(tensor)
+    ghost = saving.ghost_like(layout)
+    assert ghost.shape == tensor.shape and ghost.stride() == tensor.stride() and ghost.dtype == dtype
+    assert ghost.data_ptr() % 64 == tensor.data_ptr() % 64  # same alignment phase as the original
+    assert not ghost.any()
+    assert saving.ghost_like(saving.TensorLayout.of(tensor.clone())) is ghost  # one per layout
