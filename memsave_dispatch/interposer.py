@@ -231,7 +231,7 @@ def _route(entry, device: str | DispatchKey, stock, mode, keyset, args: tuple, k
 
 
 def _run_policy(entry, stock, keyset, args: tuple, kwargs: dict, full_arguments: tuple):
-    user_hooks = _top_default_hooks(False)
+    user_hooks = policy.default_hooks()
     if user_hooks is None:
         outputs = stock.call_boxed(keyset, *args, **kwargs)
     elif policy.is_checkpoint_hooks(user_hooks) or not torch._C._autograd._saved_tensors_hooks_is_enabled():
@@ -295,7 +295,6 @@ def _reason_for_stock(entry, device, mode, args: tuple, kwargs: dict) -> str | N
 _is_grad_enabled = torch.is_grad_enabled
 _functorch_transforms_active = torch._C._are_functorch_transforms_active
 _jit_tracing_state = torch._C._get_tracing_state
-_top_default_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 _TRACING_TENSORS = ("FunctionalTensor", "FakeTensor")
 _STRIDED = torch.strided
 # One dtype lookup instead of is_complex() and is_quantized per tensor.
