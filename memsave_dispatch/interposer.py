@@ -232,11 +232,16 @@ def _route(entry, device: str | DispatchKey, stock, mode, keyset, args: tuple, k
 
 def _run_policy(entry, stock, keyset, args: tuple, kwargs: dict, full_arguments: tuple):
     user_hooks = policy.default_hooks()
-    if user_hooks is None:
-        outputs = stock.call_boxed(keyset, *args, **kwargs)
-    elif policy.is_checkpoint_hooks(user_hooks) or not torch._C._autograd._saved_tensors_hooks_is_enabled():
+    handler = entry.handler
+    if user_hooks is not None and (
+        policy.is_checkpoint_hooks(user_hooks) or not torch._C._autograd._saved_tensors_hooks_is_enabled()
+    ):
         accounting.record_stock(entry.op, entry.family, "checkpointed region")
         return stock.call_boxed(keyset, *args, **kwargs)
+    if handler.released is not None:
+        policy.release(handler.released(*full_arguments))  # while those inputs are still in cache
+    if user_hooks is None:
+        outputs = stock.call_boxed(keyset, *args, **kwargs)
     else:
         outputs = policy.run_without_default_hooks(lambda: stock.call_boxed(keyset, *args, **kwargs))
     first = outputs[0] if isinstance(outputs, tuple) else outputs
@@ -244,11 +249,8 @@ def _run_policy(entry, stock, keyset, args: tuple, kwargs: dict, full_arguments:
     if node is None:  # nothing required grad after all (e.g. integer outputs)
         return outputs
     as_tuple = outputs if isinstance(outputs, tuple) else (outputs,)
-    handler = entry.handler
     saved = handler.saved(full_arguments, as_tuple)
     policy.apply_policy(entry.op, entry.family, saved, node, user_hooks, _thread.modes)
-    if handler.released is not None:
-        policy.release(handler.released(*full_arguments))
     return outputs
 
 

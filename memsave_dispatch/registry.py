@@ -87,9 +87,11 @@ class SavingPolicy(_HandlerBase):
 
     saved: ClassVar[Callable[[tuple, tuple], Mapping[str, Any]]]
     released: ClassVar[Callable[..., Iterable[Tensor]] | None] = None
-    """``released(*args)``: inputs the op reads but stock does not keep (a ``mean`` over a
-    ReLU output). Dropping an input in ``saved`` already releases it; this names the rest,
-    so that a deferred encoding of that tensor happens."""
+    """``released(*args)``: the inputs this call will not keep (dropped in ``saved``, or never
+    saved by stock, like the input of a ``mean``). Asked before the operator runs, so that a
+    deferred encoding of such a tensor (a ReLU output) reads it while it is still in cache,
+    not after the operator's kernel has evicted it. Inputs dropped in ``saved`` and not named
+    here are released after the call."""
 
 
 class Handler(_HandlerBase):

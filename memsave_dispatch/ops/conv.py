@@ -38,6 +38,10 @@ class Convolution(SavingPolicy):
             "weight": Saved(weight, DROP if _drops_weight(input, weight) else KEEP),
         }
 
+    @staticmethod
+    def released(input, weight, *_params):
+        return (input,) if not weight.requires_grad else (weight,) if _drops_weight(input, weight) else ()
+
 
 def _drops_weight(input, weight) -> bool:
     """A weight that is an activation (not a parameter) is dropped when x needs no gradient."""

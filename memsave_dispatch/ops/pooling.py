@@ -153,6 +153,10 @@ class _MaxPool(SavingPolicy):
         decision = KEEP if windows is None else Encode(WindowOffsetCodec(windows))
         return {"self": Saved(input, DROP), "result1": Saved(indices, decision)}
 
+    @staticmethod
+    def released(input, *_params):
+        return (input,)
+
 
 class _RegularMaxPool(_MaxPool):
     @classmethod
@@ -205,6 +209,10 @@ class AvgPool(SavingPolicy):
     @staticmethod
     def saved(args, outputs):
         return {"self": Saved(args[0], DROP)}
+
+    @staticmethod
+    def released(input, *_params):
+        return (input,)
 
 
 @register_handler(aten.mean.dim)

@@ -144,3 +144,32 @@ def test_activation_keeps_one_bit_and_matches_stock(name, dtype, channels_last, 
         return
     assert mode.saved_bytes == -(-x.numel() // 8)
     assert mode.report[op].encodings == {"1-bit mask": 1}
+
+
+def test_relu_mask_is_packed_before_the_dropping_consumer_runs():
+    """The consumer names what it will release before its kernel runs, so the mask is packed
+    while the activation is still in cache, not after a convolution has evicted it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from memsave_dispatch import MemSaveMode
+
+    class Order(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") is torch.bool:
+                self.seen.append("mask decided")
+            elif func is torch.ops.aten.convolution.default:
+                self.seen.append("convolution")
+            return func(*args, **kwargs)
+
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3)  # frozen: the convolution drops its input
+    with MemSaveMode() as mode, Order() as order:
+        out = F.conv2d(F.relu(x * 1), weight)
+    assert order.seen == ["mask decided", "convolution"]
+    assert mode.report()["aten.relu.default"].encodings == {"1-bit mask": 1}
+    out.sum().backward()
