@@ -10,7 +10,8 @@ The backward formula is stock's own, so the gradients are stock's bit for bit.
 Share-aware saving: a ReLU output is usually also the next layer's input. Encoding it in
 the ReLU node frees nothing while the next layer keeps it, and costs time. So such an
 encoding is *deferred*: it happens only when a consumer handled by this library drops that
-tensor, and is skipped when one keeps it.
+tensor (the consumer names it before its kernel runs: the activation is then still in
+cache), and is skipped when one keeps it.
 
 When the user's saved-tensor hooks are active (``save_on_cpu``, a custom pair, a memory
 meter), the stock kernel runs without them and the user's hooks are then registered on
