@@ -46,6 +46,7 @@ __all__ = [
     "run_without_default_hooks",
     "forget_deferred",
     "release",
+    "its_input",
     "encodings_enabled",
 ]
 
@@ -229,6 +230,11 @@ def _released(tensor: Tensor) -> None:
     delta = holder.nbytes - entry.nbytes
     for tally in entry.tallies:
         tally.reencode(EncodeWhenReleased.label, entry.codec.name, delta)
+
+
+def its_input(input: Tensor, *_rest) -> tuple[Tensor]:
+    """``released`` of an operator whose node never keeps its first argument."""
+    return (input,)
 
 
 def release(tensors) -> None:

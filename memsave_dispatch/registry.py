@@ -126,8 +126,9 @@ class HandlerEntry:
     kwarg_defaults: tuple[tuple[str, Any], ...]  # keyword-only arguments, in schema order
     tensor_positions: tuple[int, ...]  # positional arguments typed Tensor, Tensor? or Tensor[]
     tensor_kwargs: tuple[str, ...]  # keyword-only arguments typed so
-    plain_tensor_positions: bool = False  # every tensor argument is a positional Tensor or Tensor?
-    pick_tensors: Callable[[tuple], tuple] | None = None  # args -> the tensor_positions, as a tuple
+    # args -> the tensor_positions as a tuple; None unless every tensor argument is a
+    # positional Tensor or Tensor? (lists and keyword-only tensors need collecting)
+    pick_tensors: Callable[[tuple], tuple] | None = None
     arity: int = 0  # schema arguments, keyword-only ones included: a call with fewer needs defaults
 
     @property
@@ -145,7 +146,7 @@ class HandlerEntry:
     def tensor_arguments(self, args: tuple, kwargs: dict) -> Sequence[Tensor | None]:
         """The tensors among the arguments of a boxed call (lists flattened; absent optional
         ones may be None)."""
-        if self.plain_tensor_positions and not kwargs and len(args) > self.tensor_positions[-1]:
+        if self.pick_tensors is not None and not kwargs and len(args) > self.tensor_positions[-1]:
             return self.pick_tensors(args)  # the common case: one C-level itemgetter
         found: list[Tensor] = []
         count = len(args)
@@ -318,7 +319,6 @@ def _make_entry(op: OpOverload, handler: type) -> HandlerEntry:
         kwarg_defaults=tuple((a.name, default(a)) for a in keyword_only),
         tensor_positions=tensor_positions,
         tensor_kwargs=tuple(a.name for a in keyword_only if _is_tensor_typed(a)),
-        plain_tensor_positions=plain and bool(tensor_positions),
         pick_tensors=_tuple_getter(tensor_positions) if plain and tensor_positions else None,
         arity=len(arguments),
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..policy import KEEP, Encode, Saved, encodings_enabled
+from ..policy import KEEP, Encode, Saved, encodings_enabled, its_input
 from ..registry import SavingPolicy, register_handler
 from ..saving import BitMaskCodec
 
@@ -49,9 +49,7 @@ class Dropout(SavingPolicy):
         codec = BitMaskCodec(_is_nonzero, 0.0, _kept_value(noise.dtype, p))
         return {"other": Saved(noise, Encode(codec))}
 
-    @staticmethod
-    def released(input, *_params):
-        return (input,)  # the product keeps only the noise
+    released = staticmethod(its_input)  # the product keeps only the noise
 
 
 def _as_bool(tensor):
@@ -72,6 +70,4 @@ class NativeDropout(SavingPolicy):
     def saved(args, outputs):
         return {"result1": Saved(outputs[1], Encode(BitMaskCodec(_as_bool, False, True)))}
 
-    @staticmethod
-    def released(input, *_params):
-        return (input,)
+    released = staticmethod(its_input)

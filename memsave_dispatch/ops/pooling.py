@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..interposer import caller_holds_outputs
-from ..policy import DROP, KEEP, Encode, Saved, encodings_enabled
+from ..policy import DROP, KEEP, Encode, Saved, encodings_enabled, its_input
 from ..registry import SavingPolicy, register_handler
 from ..saving import BitMask, Codec
 
@@ -153,9 +153,7 @@ class _MaxPool(SavingPolicy):
         decision = KEEP if windows is None else Encode(WindowOffsetCodec(windows))
         return {"self": Saved(input, DROP), "result1": Saved(indices, decision)}
 
-    @staticmethod
-    def released(input, *_params):
-        return (input,)
+    released = staticmethod(its_input)
 
 
 class _RegularMaxPool(_MaxPool):
@@ -210,9 +208,7 @@ class AvgPool(SavingPolicy):
     def saved(args, outputs):
         return {"self": Saved(args[0], DROP)}
 
-    @staticmethod
-    def released(input, *_params):
-        return (input,)
+    released = staticmethod(its_input)
 
 
 @register_handler(aten.mean.dim)
@@ -226,6 +222,4 @@ class GlobalAveragePool(SavingPolicy):
     def saved(args, outputs):
         return {}
 
-    @staticmethod
-    def released(input, *_params):
-        return (input,)
+    released = staticmethod(its_input)
