@@ -381,6 +381,20 @@ def running(mode: MemSaveMode | None) -> Iterator[None]:
             yield
 
 
+def minor_page_faults() -> int | None:
+    """Minor page faults of this process so far (None where the OS does not say).
+
+    A step that touches memory the allocator had returned to the OS pays a fault per page
+    (glibc gives large freed blocks back and maps them again later): thousands per step, a few
+    milliseconds, varying from process to process with the allocator's state.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_step(step: Callable[[], Any], synchronize: Callable[[], Any] = lambda: None) -> float:
     """Seconds ``step()`` takes. Switching between stock and the mode installs or removes
     kernels: that garbage is collected first, so the collection it would trigger does not land

@@ -8,6 +8,15 @@ the figure is the median of the per-pair ratios mode/stock. Stock steps run with
 interposing kernels uninstalled, so stock pays nothing for this library being imported.
 Bytes kept for backward are measured with saved-tensor hooks, parameters and buffers
 excluded, and gradients are compared with torch.equal.
+
+The minor page faults per step are printed too: glibc returns large freed blocks to the OS
+and maps them again, so a step can pay thousands of faults (milliseconds), more of them in
+stock (which allocates more). That varies between processes and moves the ratio by several
+percent. The mode's own cost, with faults out of the picture, is measured by keeping freed
+memory in the process:
+
+    GLIBC_TUNABLES=glibc.malloc.trim_threshold=4294967296:glibc.malloc.mmap_threshold=4294967295 \
+        python tools/bench_step.py
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from memsave_dispatch import MemSaveMode, saved_tensor_bytes
-from memsave_dispatch.bench import interleaved_times, median_ratio, running, time_step
+from memsave_dispatch.bench import interleaved_times, median_ratio, minor_page_faults, running, time_step
 from memsave_dispatch.models import freeze, resnet18, set_batchnorm_eval
 from memsave_dispatch.report import format_bytes
 
@@ -64,13 +73,22 @@ def run_case(case: str, batch: int, size: int, pairs: int, progress=None, task=N
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
 
+    faults: dict[str, list[int]] = {"stock": [], "mode": []}
+
+    def timed(kind: str) -> float:
+        before = minor_page_faults()
+        seconds = time_step(step)
+        if before is not None:
+            faults[kind].append(minor_page_faults() - before)
+        return seconds
+
     def stock_step() -> float:
         with running(None):
-            return time_step(step)
+            return timed("stock")
 
     def mode_step() -> float:
         with running(mode):
-            return time_step(step)
+            return timed("mode")
 
     # Exactness and bytes first (different model instances so the timing model stays warm).
     reference, candidate = _build(case), _build(case)
@@ -85,6 +103,8 @@ def run_case(case: str, batch: int, size: int, pairs: int, progress=None, task=N
     for _ in range(3):
         stock_step()
         mode_step()
+    faults["stock"].clear()
+    faults["mode"].clear()
     times = interleaved_times(
         {"mode": mode_step, "stock": stock_step},
         pairs,
@@ -105,7 +125,14 @@ def run_case(case: str, batch: int, size: int, pairs: int, progress=None, task=N
         "mode_bytes": mode_bytes,
         "bytes_ratio": mode_bytes / stock_bytes,
         "gradients_bit_identical": exact,
+        "stock_page_faults_per_step": statistics.median(faults["stock"]) if faults["stock"] else None,
+        "mode_page_faults_per_step": statistics.median(faults["mode"]) if faults["mode"] else None,
     }
+
+
+def _faults(result: dict) -> str:
+    stock, mode = result["stock_page_faults_per_step"], result["mode_page_faults_per_step"]
+    return "n/a" if stock is None else f"{stock:.0f}, {mode:.0f}"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -131,7 +158,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{torch.get_num_threads()} threads, torch {torch.__version__}",
         title_justify="left",
     )
-    for column in ("case", "stock ms", "mode ms", "median ratio (IQR)", "kept stock", "kept mode", "bytes ratio", "grads exact"):
+    columns = ("case", "stock ms", "mode ms", "median ratio (IQR)", "kept stock", "kept mode", "bytes ratio", "grads exact", "page faults/step stock, mode")
+    for column in columns:
         table.add_column(column, justify="left" if column == "case" else "right")
     for r in results:
         q1, _, q3 = r["ratio_quartiles"]
@@ -144,6 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             format_bytes(r["mode_bytes"]),
             f"{r['bytes_ratio']:.3f}",
             "yes" if r["gradients_bit_identical"] else "NO",
+            _faults(r),
         )
     console.print(table)
     if args.json:
