@@ -10,9 +10,9 @@ Bytes kept for backward are measured with saved-tensor hooks, parameters and buf
 excluded, and gradients are compared with torch.equal.
 
 The minor page faults per step are printed too: glibc returns large freed blocks to the OS
-and maps them again, so a step can pay thousands of faults (milliseconds), more of them in
-stock (which allocates more). That varies between processes and moves the ratio by several
-percent. The mode's own cost, with faults out of the picture, is measured by keeping freed
+and maps them again, so a step can pay thousands of faults (milliseconds). How many, and on
+which side, varies from process to process with the allocator's state, and moves the ratio
+by several percent. The mode's own cost, with faults out of the picture, is measured by keeping freed
 memory in the process:
 
     GLIBC_TUNABLES=glibc.malloc.trim_threshold=4294967296:glibc.malloc.mmap_threshold=4294967295 \
