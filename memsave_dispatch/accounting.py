@@ -11,10 +11,10 @@ from torch.nn import Parameter
 
 from .interposer import active_modes
 
-__all__ = ["storage_bytes", "stock_and_kept_bytes", "record_handled", "record_stock"]
+__all__ = ["storage_of", "storage_bytes", "record_handled", "record_stock"]
 
 
-def _storage_of(tensor: Tensor, tracing: bool) -> tuple[int, int] | None:
+def storage_of(tensor: Tensor, tracing: bool) -> tuple[int, int] | None:
     """(storage address, storage bytes) of a tensor; None for a parameter or a view of one
     (they live as long as the model, whatever autograd keeps). While tracing, tensors have no
     storage: each counts its own size under its own key."""
@@ -36,24 +36,10 @@ def storage_bytes(tensors: Iterable[Tensor | None], tracing: bool = False) -> in
     sizes: dict[int, int] = {}
     for tensor in tensors:
         if tensor is not None:
-            found = _storage_of(tensor, tracing)
+            found = storage_of(tensor, tracing)
             if found is not None:
                 sizes[found[0]] = found[1]
     return sum(sizes.values())
-
-
-def stock_and_kept_bytes(stock: list[Tensor], kept: list[bool], tracing: bool) -> tuple[int, int]:
-    """Bytes of the distinct storages behind ``stock``, and behind those of them flagged in
-    ``kept``, in one pass."""
-    stock_sizes: dict[int, int] = {}
-    kept_sizes: dict[int, int] = {}
-    for tensor, keep in zip(stock, kept):
-        found = _storage_of(tensor, tracing)
-        if found is not None:
-            stock_sizes[found[0]] = found[1]
-            if keep:
-                kept_sizes[found[0]] = found[1]
-    return sum(stock_sizes.values()), sum(kept_sizes.values())
 
 
 def _stock_bytes(handler: type, args: tuple, outputs: object, tracing: bool) -> int | None:

@@ -306,8 +306,9 @@ def apply_policy(
 ) -> None:
     """Carry out ``saved`` on ``node``, the node stock just created; count it in ``modes``."""
     tracing = torch.compiler.is_compiling()
-    stock_tensors: list[Tensor] = []
-    kept_flags: list[bool] = []  # per stock tensor: still held by the node
+    storage_of = accounting.storage_of
+    stock_sizes: dict[int, int] = {}  # storage -> bytes, for every tensor stock keeps here
+    kept_sizes: dict[int, int] = {}  # the same for those the node still holds
     labels: list[str] = []
     encoded_bytes = 0
     decided_slots = []  # slots given hooks of ours; the user's hooks go on all the others
@@ -316,10 +317,13 @@ def apply_policy(
     for name, (tensor, decision) in saved.items():
         if tensor is None:
             continue
-        stock_tensors.append(tensor)
+        storage = storage_of(tensor, tracing)  # None for a parameter: it outlives the graph
+        if storage is not None:
+            stock_sizes[storage[0]] = storage[1]
         if decision is KEEP or (tracing and isinstance(decision, Encode)) or tensor.numel() == 0:
             # (encodings are eager-only: tracing keeps the tensor; an empty one costs nothing)
-            kept_flags.append(True)
+            if storage is not None:
+                kept_sizes[storage[0]] = storage[1]
             if pending and tensor.requires_grad:  # (only graph outputs are ever deferred)
                 _kept(tensor)
             continue
@@ -334,22 +338,22 @@ def apply_policy(
         if decision is DROP:
             holder = _Ghosted()
             slot.register_hooks(holder.pack, holder.unpack)
-            kept_flags.append(False)
             if pending:
                 _released(tensor)
         elif isinstance(decision, Encode):
             holder = _Encoded(decision.codec, user_hooks)
             slot.register_hooks(holder.pack, holder.unpack)
-            kept_flags.append(False)
             encoded_bytes += holder.nbytes
         elif isinstance(decision, EncodeWhenReleased):
             holder = None
             if user_hooks is not None:
                 holder = _Encoded(decision.codec, user_hooks, deferred=True)
                 slot.register_hooks(holder.pack, holder.unpack)
-            kept_flags.append(True)
+            nbytes = 0
+            if storage is not None:
+                kept_sizes[storage[0]] = nbytes = storage[1]
             if not tracing:
-                deferred.append((tensor, name, decision.codec, holder))
+                deferred.append((tensor, name, decision.codec, holder, nbytes))
         else:
             raise TypeError(f"unknown saving decision {decision!r} for {op} slot {name!r}")
         if user_hooks is not None and holder is not None:
@@ -358,11 +362,10 @@ def apply_policy(
         for name in _slot_names(node):
             if name not in decided_slots:
                 _register_user_hooks(getattr(node, "_raw_saved_" + name), user_hooks)
-    stock_bytes, kept_bytes = accounting.stock_and_kept_bytes(stock_tensors, kept_flags, tracing)
-    kept_bytes += encoded_bytes
+    stock_bytes = sum(stock_sizes.values())
+    kept_bytes = sum(kept_sizes.values()) + encoded_bytes
     tallies = [mode._tally(op, family) for mode in modes]
     for tally in tallies:
         tally.add_handled(stock_bytes, kept_bytes, tracing, labels)
-    for tensor, name, codec, holder in deferred:
-        nbytes = accounting.storage_bytes((tensor,))
+    for tensor, name, codec, holder, nbytes in deferred:
         _defer(tensor, _Deferred(tensor, node, "_raw_saved_" + name, codec, holder, tallies, nbytes))
