@@ -39,6 +39,21 @@ def test_report_counts_and_bytes_match_what_the_graph_keeps():
     assert report.saved_bytes > 0 and mode_bytes < stock_bytes
 
 
+def test_report_bytes_per_call_are_the_storages_the_node_keeps():
+    """Batch norm in eval mode with frozen affine parameters: stock keeps the input and the
+    running statistics (buffers, not parameters, so they count); the node under the mode
+    keeps only the statistics, and the report says exactly that."""
+    norm = torch.nn.BatchNorm2d(3).eval().requires_grad_(False)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with MemSaveMode(include=["norm"]) as mode:
+        norm(x)
+    report = mode.report()["aten.native_batch_norm.default"]
+    statistics = norm.running_mean.untyped_storage().nbytes() + norm.running_var.untyped_storage().nbytes()
+    assert report.handled == 1 and report.encodings == {"dropped": 1}
+    assert report.stock_bytes == x.untyped_storage().nbytes() + statistics
+    assert report.kept_bytes == statistics
+
+
 def test_to_dict_is_json_ready_and_complete():
     net = _frozen_net()
     with MemSaveMode() as mode:
