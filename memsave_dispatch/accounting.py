@@ -9,6 +9,7 @@ from torch import Tensor
 from torch._ops import OpOverload
 from torch.nn import Parameter
 
+from ._compat import is_compiling
 from .interposer import active_modes
 
 __all__ = ["storage_of", "storage_bytes", "record_handled", "record_stock"]
@@ -55,7 +56,7 @@ def record_handled(op: OpOverload, handler: type, args: tuple, outputs: object, 
     modes = active_modes()
     if not modes:
         return
-    tracing = torch.compiler.is_compiling()
+    tracing = is_compiling()
     stock = _stock_bytes(handler, args, outputs, tracing)
     kept_bytes = storage_bytes(kept or (), tracing)
     for mode in modes:

@@ -14,7 +14,9 @@ and the tensors in ``exclude`` are counted apart, as they live whatever autograd
     audit(loss, model=model).print(depth=2)
 
 Tensors a custom Function hides in ``ctx`` attributes instead of ``save_for_backward``
-cannot be seen by any tool; none of this library's handlers does that.
+cannot be seen by any tool; none of this library's handlers does that. Before torch 2.13 a
+slot cannot be read in place: this library's slots are found through the node's metadata,
+and any other slot is unpacked.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from .policy import _Encoded, _Ghosted
+from ._compat import SAVED_SLOTS_READABLE
+from .policy import _HOLDERS_KEY, _Encoded, _Ghosted
 from .report import format_bytes, render_text
 
 __all__ = ["audit", "track_modules", "AuditReport", "NodeTypeSummary"]
@@ -69,24 +72,50 @@ def _read_slot(slot) -> tuple[str, list[Tensor]]:
     except RuntimeError:  # released by a backward pass that did not retain the graph
         return "freed", []
     holder = getattr(unpack, "__self__", None)
-    if isinstance(holder, _Ghosted):
-        return "dropped", []
-    if isinstance(holder, _Encoded):
-        form = "kept (shared with consumer)" if holder.deferred else holder.codec.name
-        return form, list(_tensors_in(holder.kept))
+    if isinstance(holder, (_Ghosted, _Encoded)):
+        return _read_holder(holder)
     if unpack is not None:
         return USER_HOOKS, list(_tensors_in(packed))
     return AS_STOCK, [] if packed is None else [packed]
 
 
-def _slots(node) -> Iterator[Any]:
-    names = [n for n in dir(node) if n.startswith("_raw_saved_")]
-    for name in names:
+def _read_holder(holder: _Ghosted | _Encoded) -> tuple[str, list[Tensor]]:
+    if isinstance(holder, _Ghosted):
+        return "dropped", []
+    form = "kept (shared with consumer)" if holder.deferred else holder.codec.name
+    return form, list(_tensors_in(holder.kept))
+
+
+def _read_slot_by_unpacking(node, name: str) -> tuple[str, list[Tensor]]:
+    """The same where slots cannot show what they hold (torch < 2.13): MemSaveMode's slots
+    are found through the node's metadata; any other slot is unpacked, so one packed by the
+    user's saved-tensor hooks shows as what their unpack hook returns."""
+    holder_ref = node.metadata.get(_HOLDERS_KEY, {}).get(name)
+    if holder_ref is not None:
+        holder = holder_ref()
+        return ("freed", []) if holder is None else _read_holder(holder)
+    try:
         try:
-            value = getattr(node, name)
+            value = getattr(node, "_saved_" + name)
+        except AttributeError:  # a custom Function: its ctx's saved_tensors
+            value = node.saved_tensors
+    except RuntimeError as error:  # released by a backward pass, or modified in place since
+        return ("freed" if "freed" in str(error) else "unreadable"), []
+    return AS_STOCK, list(_tensors_in(value))
+
+
+def _slots(node) -> Iterator[tuple[str, list[Tensor]]]:
+    """(form, tensors) for every saved slot of ``node``."""
+    for name in [n[len("_raw_saved_") :] for n in dir(node) if n.startswith("_raw_saved_")]:
+        if not SAVED_SLOTS_READABLE:
+            yield _read_slot_by_unpacking(node, name)
+            continue
+        try:
+            value = getattr(node, "_raw_saved_" + name)
         except RuntimeError:  # a freed list of saved tensors
             continue
-        yield from value if isinstance(value, (list, tuple)) else (value,)
+        for slot in value if isinstance(value, (list, tuple)) else (value,):
+            yield _read_slot(slot)
 
 
 def _is_memsave_node(node) -> bool:
@@ -231,8 +260,7 @@ def audit(
         tracked = tracked or module is not None
         sequence = node._sequence_nr()
         changed = _is_memsave_node(node)
-        for slot in _slots(node):
-            form, tensors = _read_slot(slot)
+        for form, tensors in _slots(node):
             if form not in (AS_STOCK, USER_HOOKS, "freed"):
                 changed = True
             if tensors or form != AS_STOCK:

@@ -35,6 +35,7 @@ from torch.library import Library
 from torch.nn import Parameter
 
 from . import registry
+from ._compat import is_compiling
 
 __all__ = ["install", "uninstall", "installed", "active_modes", "DEVICES"]
 
@@ -269,6 +270,10 @@ def _reason_for_stock(entry, device, mode, args: tuple, kwargs: dict) -> str | N
         return "functorch transform"
     if _jit_tracing_state() is not None:
         return "torch.jit tracing"
+    if _get_proxy_mode() is not None and not is_compiling():
+        # make_fx (or export) records every tensor operation, the handlers' own included,
+        # and cannot run data-dependent ones: trace stock's
+        return "make_fx tracing"
     forward_ad_on = forward_ad._current_level >= 0
     if forward_ad_on and not entry.is_policy:
         return "forward-mode AD"  # a Handler's Function has no jvp; policies keep stock's
@@ -312,7 +317,7 @@ _UNSUPPORTED_DTYPES = {
 
 def _unsupported_tensor_type(kind: type) -> str | None:
     name = kind.__name__
-    if name in _TRACING_TENSORS and torch.compiler.is_compiling():
+    if name in _TRACING_TENSORS and is_compiling():
         if _get_proxy_mode() is not None:
             return None  # AOTAutograd traces the graph: handle it, the saving gets compiled
         return "shape propagation"  # dynamo running ops on fake tensors: only outputs matter

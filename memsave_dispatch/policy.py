@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import accounting
+from ._compat import SAVED_SLOTS_READABLE, is_compiling
 from .saving import Codec, TensorLayout
 
 __all__ = [
@@ -113,14 +114,14 @@ def encodings_enabled() -> bool:
     """False while torch.compile traces: encodings are eager-only (a traced graph keeps the
     tensor instead), so a policy can skip preparing one, and must not run data-dependent
     tensor code on the tracing tensors."""
-    return not torch.compiler.is_compiling()
+    return not is_compiling()
 
 
 # -- hooks on one slot ------------------------------------------------------------------
 class _Ghosted:
     """Slot hooks for a dropped tensor: nothing kept, a ghost in backward."""
 
-    __slots__ = ("layout",)
+    __slots__ = ("layout", "__weakref__")
 
     def pack(self, tensor: Tensor) -> None:
         self.layout = TensorLayout.of(tensor)
@@ -138,7 +139,7 @@ class _Encoded:
     called by a consumer that releases the tensor.
     """
 
-    __slots__ = ("codec", "user_hooks", "deferred", "kept", "meta", "nbytes")
+    __slots__ = ("codec", "user_hooks", "deferred", "kept", "meta", "nbytes", "__weakref__")
 
     def __init__(self, codec: Codec, user_hooks: Hooks | None, deferred: bool = False) -> None:
         self.codec, self.user_hooks, self.deferred = codec, user_hooks, deferred
@@ -172,6 +173,21 @@ class _Encoded:
     def _user_unpack(self, packed: Any) -> Tensor:
         return packed if self.user_hooks is None else self.user_hooks[1](packed)
 
+
+
+_HOLDERS_KEY = "memsave_dispatch.slot_holders"
+
+
+def _hook_slot(node, name: str, holder: _Ghosted | _Encoded) -> None:
+    """Give the slot ``name`` of ``node`` the holder's hooks (this packs it at once).
+
+    Where a slot cannot show its hooks (torch < 2.13), a weak reference to the holder is
+    also noted in the node's metadata, for :func:`memsave_dispatch.audit` to read the slot
+    without unpacking it (weak: what the holder keeps must go when backward frees the slot).
+    """
+    getattr(node, "_raw_saved_" + name).register_hooks(holder.pack, holder.unpack)
+    if not SAVED_SLOTS_READABLE:
+        node.metadata.setdefault(_HOLDERS_KEY, {})[name] = weakref.ref(holder)
 
 
 # -- deferred encodings -----------------------------------------------------------------
@@ -226,7 +242,7 @@ def _released(tensor: Tensor) -> None:
         holder.encode(tensor)
     else:
         holder = _Encoded(entry.codec, None)
-        getattr(entry.node, entry.slot).register_hooks(holder.pack, holder.unpack)
+        _hook_slot(entry.node, entry.slot, holder)
     delta = holder.nbytes - entry.nbytes
     for tally in entry.tallies:
         tally.reencode(EncodeWhenReleased.label, entry.codec.name, delta)
@@ -305,7 +321,7 @@ def apply_policy(
     op, family: str, saved: Mapping[str, Saved], node, user_hooks: Hooks | None, modes: list
 ) -> None:
     """Carry out ``saved`` on ``node``, the node stock just created; count it in ``modes``."""
-    tracing = torch.compiler.is_compiling()
+    tracing = is_compiling()
     storage_of = accounting.storage_of
     stock_sizes: dict[int, int] = {}  # storage -> bytes, for every tensor stock keeps here
     kept_sizes: dict[int, int] = {}  # the same for those the node still holds
@@ -334,21 +350,20 @@ def apply_policy(
             )
         if decision.label not in labels:  # one count per call and kind of change
             labels.append(decision.label)
-        slot = getattr(node, "_raw_saved_" + name)
         if decision is DROP:
             holder = _Ghosted()
-            slot.register_hooks(holder.pack, holder.unpack)
+            _hook_slot(node, name, holder)
             if pending:
                 _released(tensor)
         elif isinstance(decision, Encode):
             holder = _Encoded(decision.codec, user_hooks)
-            slot.register_hooks(holder.pack, holder.unpack)
+            _hook_slot(node, name, holder)
             encoded_bytes += holder.nbytes
         elif isinstance(decision, EncodeWhenReleased):
             holder = None
             if user_hooks is not None:
                 holder = _Encoded(decision.codec, user_hooks, deferred=True)
-                slot.register_hooks(holder.pack, holder.unpack)
+                _hook_slot(node, name, holder)
             nbytes = 0
             if storage is not None:
                 kept_sizes[storage[0]] = nbytes = storage[1]
@@ -368,4 +383,4 @@ def apply_policy(
     for tally in tallies:
         tally.add_handled(stock_bytes, kept_bytes, tracing, labels)
     for tensor, name, codec, holder, nbytes in deferred:
-        _defer(tensor, _Deferred(tensor, node, "_raw_saved_" + name, codec, holder, tallies, nbytes))
+        _defer(tensor, _Deferred(tensor, node, name, codec, holder, tallies, nbytes))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memsave_dispatch import MemSaveMode, SavedTensorMeter, audit, track_modules
+from memsave_dispatch._compat import SAVED_SLOTS_READABLE
 from memsave_dispatch.models import SmallConvNet, freeze, resnet18, set_batchnorm_eval, transformer_encoder
 
 CASES = {
@@ -89,7 +90,9 @@ def test_custom_functions_and_saved_tensor_hooks_are_counted():
     with torch.autograd.graph.save_on_cpu():
         result = audit(_Cube.apply(x + 1))
     assert result.total_bytes == 4000
-    assert result.node_types["_CubeBackward"].forms == {"packed by saved-tensor hooks": 1}
+    # before torch 2.13 a slot hides its hooks: audit unpacks it and cannot tell them apart
+    form = "packed by saved-tensor hooks" if SAVED_SLOTS_READABLE else "as stock"
+    assert result.node_types["_CubeBackward"].forms == {form: 1}
 
 
 def test_compiled_graphs_are_counted():

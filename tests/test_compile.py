@@ -116,3 +116,31 @@ def test_every_handler_compiles_without_graph_breaks_and_keeps_its_savings(fresh
     with MemSaveMode():
         explanation = torch._dynamo.explain(net)(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_make_fx_traces_stock_under_the_mode():
+    """make_fx records every tensor operation, the handlers' own too, and cannot run
+    data-dependent ones (building max-pool windows reads values): under the mode it traces
+    stock's graph, and the report says why."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    net = SmallConvNet(width=8)
+    freeze(net)
+    x = torch.randn(2, 3, 16, 16)
+
+    def loss_and_input_grad(x):
+        x = x.detach().requires_grad_(True)
+        loss = F.cross_entropy(net(x), torch.arange(2))
+        return loss, torch.autograd.grad(loss, x)[0]
+
+    stock_graph = make_fx(loss_and_input_grad)(x)
+    with MemSaveMode() as mode:
+        mode_graph = make_fx(loss_and_input_grad)(x)
+    operators = lambda graph: [node.target for node in graph.graph.nodes if node.op == "call_function"]
+    assert operators(mode_graph) == operators(stock_graph)
+    for a, b in zip(stock_graph(x), mode_graph(x)):
+        assert torch.equal(a, b)
+    report = mode.report()
+    assert report.handled == 0
+    assert report["aten.max_pool2d_with_indices.default"].to_stock == {"make_fx tracing": 2}

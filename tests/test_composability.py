@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memsave_dispatch import MemSaveMode, audit
+from memsave_dispatch._compat import SAVED_SLOTS_READABLE
 from memsave_dispatch.models import SmallConvNet, freeze
 from tests._compare import assert_bit_identical
 
@@ -142,7 +143,9 @@ def test_user_hooks_see_every_tensor_the_handlers_keep():
         # what the hooks still hold is exactly what the graph keeps, encodings included
         assert sum(n for ptr, n in held.items() if ptr not in state) == kept.total_bytes > 0
         forms = {form for row in kept.node_types.values() for form in row.forms}
-        assert "as stock" not in forms and {"1-bit mask", "2-bit window offsets"} <= forms
+        assert {"1-bit mask", "2-bit window offsets"} <= forms
+        if SAVED_SLOTS_READABLE:  # (before torch 2.13 a slot hides the user's hooks from audit)
+            assert "as stock" not in forms
         F.cross_entropy(out, torch.arange(4)).backward()
     with_hooks = _gradients(model, x)
     with MemSaveMode():

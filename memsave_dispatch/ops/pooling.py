@@ -15,6 +15,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+from .._compat import BFLOAT16_ADAPTIVE_MAX_POOL2D_INDICES_IN_WINDOW
 from ..interposer import caller_holds_outputs
 from ..policy import DROP, KEEP, Encode, Saved, encodings_enabled, its_input
 from ..registry import SavingPolicy, register_handler
@@ -185,7 +186,16 @@ class _AdaptiveMaxPool(_MaxPool):
 
 @register_handler(aten.adaptive_max_pool2d.default)
 class AdaptiveMaxPool2d(_AdaptiveMaxPool):
+    """Where stock's bfloat16 kernel may return an index outside its window (torch < 2.11),
+    no offset can describe it: the indices are kept as stock keeps them."""
+
     dims = 2
+
+    @classmethod
+    def windows(cls, args, in_sizes, out_sizes):
+        if args[0].dtype is torch.bfloat16 and not BFLOAT16_ADAPTIVE_MAX_POOL2D_INDICES_IN_WINDOW:
+            return None
+        return super().windows(args, in_sizes, out_sizes)
 
 
 @register_handler(aten.adaptive_max_pool3d.default)
