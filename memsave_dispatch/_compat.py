@@ -12,14 +12,15 @@ _dynamo_compiling = torch.compiler.is_compiling
 _tracing_context = TracingContext.try_get
 
 
-def is_compiling() -> bool:
-    """Whether torch.compile is tracing: Dynamo, or AOTAutograd behind it.
-
-    Before torch 2.13, ``torch.compiler.is_compiling()`` is false while AOTAutograd traces
-    the joint graph (measured on 2.9); the tracing context torch.compile sets up for the
-    whole compilation is there in every release.
-    """
+def _compiling_or_tracing_for_compile() -> bool:
     return _dynamo_compiling() or _tracing_context() is not None
+
+
+#: Whether torch.compile is tracing: Dynamo, or AOTAutograd behind it. Before torch 2.13
+#: ``torch.compiler.is_compiling()`` is false while AOTAutograd traces the joint graph
+#: (measured on 2.9.1 to 2.12.1); the tracing context torch.compile sets up for the whole
+#: compilation is there in every release, but reading it costs 0.4 us a call.
+is_compiling = _dynamo_compiling if TorchVersion(torch.__version__) >= "2.13" else _compiling_or_tracing_for_compile
 
 
 #: Whether a saved-tensor slot shows what it holds without unpacking it
