@@ -219,6 +219,9 @@ def _route(entry, device: str | DispatchKey, stock, mode, keyset, args: tuple, k
         reason = "grad mode off"
     elif handler.can_save is not None and not handler.can_save(*full_arguments):
         reason = "nothing to save"  # decided first: it is the cheapest way back to stock
+        if policy.encodings_pending():
+            keeps = handler.stock_keeps
+            policy.keep(keeps(*full_arguments) if keeps is not None else entry.tensor_arguments(args, kwargs))
     else:
         reason = _reason_for_stock(entry, device, mode, args, kwargs)
         if reason is None and handler.unsupported is not None:

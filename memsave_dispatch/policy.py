@@ -47,6 +47,8 @@ __all__ = [
     "run_without_default_hooks",
     "forget_deferred",
     "release",
+    "keep",
+    "encodings_pending",
     "its_input",
     "encodings_enabled",
 ]
@@ -160,6 +162,11 @@ class _Encoded:
         self.kept = tuple(encoded) if self.user_hooks is None else tuple(self._user_pack(t) for t in encoded)
         self.deferred = False
 
+    def keep_original(self, tensor: Tensor) -> None:
+        """Undo :meth:`encode`: another consumer keeps ``tensor``, so its encoding is extra."""
+        self.kept = (self._user_pack(tensor.detach()),)
+        self.meta, self.nbytes, self.deferred = None, 0, True
+
     def unpack(self, _packed: None) -> Tensor:
         kept = self.kept if self.user_hooks is None else tuple(self._user_unpack(p) for p in self.kept)
         if self.deferred:
@@ -192,14 +199,19 @@ def _hook_slot(node, name: str, holder: _Ghosted | _Encoded) -> None:
 
 # -- deferred encodings -----------------------------------------------------------------
 class _Deferred:
-    """An encoding waiting for a consumer to release its tensor."""
+    """An encoding waiting for a consumer to release its tensor.
 
-    __slots__ = ("tensor_ref", "version", "node", "slot", "codec", "holder", "tallies", "nbytes")
+    It stays in the table once encoded (``encoded`` is then the slot's holder), so that a
+    later consumer keeping the tensor after all undoes the encoding: the bits would be extra.
+    """
+
+    __slots__ = ("tensor_ref", "version", "node", "slot", "codec", "holder", "tallies", "nbytes", "encoded")
 
     def __init__(self, tensor, node, slot, codec, holder, tallies, nbytes) -> None:
         self.version = tensor._version
         self.node, self.slot, self.codec, self.holder = node, slot, codec, holder
         self.tallies, self.nbytes = tallies, nbytes
+        self.encoded: _Encoded | None = None
 
 
 class _ThreadDeferred(threading.local):
@@ -218,34 +230,43 @@ def _defer(tensor: Tensor, entry: _Deferred) -> None:
     table[key] = entry
 
 
-def _claim(tensor: Tensor) -> _Deferred | None:
+def _entry_of(tensor: Tensor) -> _Deferred | None:
     table = _deferred.by_tensor
-    entry = table.pop(id(tensor), None)
+    entry = table.get(id(tensor))
     if entry is None and tensor._base is not None:
         tensor = tensor._base  # a consumer of a view consumes its base too
-        entry = table.pop(id(tensor), None)
+        entry = table.get(id(tensor))
     if entry is None or entry.tensor_ref() is not tensor:
         return None
     return entry
+
+
+def _forget(entry: _Deferred) -> None:
+    tensor = entry.tensor_ref()
+    if tensor is not None:
+        _deferred.by_tensor.pop(id(tensor), None)
 
 
 def _released(tensor: Tensor) -> None:
     """A consumer dropped ``tensor``: encode it in the node that deferred it, if any."""
     if not _deferred.by_tensor:
         return
-    entry = _claim(tensor)
-    if entry is None or entry.tensor_ref()._version != entry.version:
-        return  # modified in place since: leave stock's version check to report it
+    entry = _entry_of(tensor)
+    if entry is None or entry.encoded is not None:
+        return
     tensor = entry.tensor_ref()
+    if tensor._version != entry.version:
+        _forget(entry)  # modified in place since: leave stock's version check to report it
+        return
     holder = entry.holder
     if holder is not None:
         holder.encode(tensor)
     else:
         holder = _Encoded(entry.codec, None)
         _hook_slot(entry.node, entry.slot, holder)
-    delta = holder.nbytes - entry.nbytes
+    entry.encoded, entry.node = holder, None
     for tally in entry.tallies:
-        tally.reencode(EncodeWhenReleased.label, entry.codec.name, delta)
+        tally.reencode(EncodeWhenReleased.label, entry.codec.name, holder.nbytes - entry.nbytes)
 
 
 def its_input(input: Tensor, *_rest) -> tuple[Tensor]:
@@ -259,10 +280,35 @@ def release(tensors) -> None:
         _released(tensor)
 
 
+def keep(tensors) -> None:
+    """A consumer run by stock keeps these tensors: no deferred encoding of them is made, and
+    one made already is undone."""
+    for tensor in tensors:
+        if tensor is not None:
+            _kept(tensor)
+
+
+def encodings_pending() -> bool:
+    """Whether any deferred encoding in this thread could still be made or undone."""
+    return bool(_deferred.by_tensor)
+
+
 def _kept(tensor: Tensor) -> None:
-    """A consumer keeps ``tensor``: whoever deferred its encoding keeps it for free."""
-    if _deferred.by_tensor:
-        _claim(tensor)
+    """A consumer keeps ``tensor``: whoever deferred its encoding keeps it for free, and an
+    encoding an earlier consumer's release made is undone (the tensor lives on anyway)."""
+    if not _deferred.by_tensor:
+        return
+    entry = _entry_of(tensor)
+    if entry is None:
+        return
+    _forget(entry)
+    holder, tensor = entry.encoded, entry.tensor_ref()
+    if holder is None or tensor._version != entry.version:
+        return
+    encoded_bytes = holder.nbytes
+    holder.keep_original(tensor)
+    for tally in entry.tallies:
+        tally.reencode(entry.codec.name, EncodeWhenReleased.label, entry.nbytes - encoded_bytes)
 
 
 def forget_deferred() -> None:

@@ -73,6 +73,10 @@ class _HandlerBase:
     """``can_save(*args) -> bool``, decided before the call: False when handling it cannot
     reduce what is kept (every tensor stock keeps is needed). The call then runs stock
     untouched, counted as "nothing to save", and skips the handler's overhead."""
+    stock_keeps: ClassVar[Callable[..., Iterable[Tensor]] | None] = None
+    """``stock_keeps(*args)``: where ``can_save`` is False, the inputs stock's node keeps
+    (default: every tensor argument). A deferred encoding of one of them (a ReLU output) is
+    then not made, or undone if an earlier consumer's release made it: the tensor lives on."""
 
 
 class SavingPolicy(_HandlerBase):

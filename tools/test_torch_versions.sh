@@ -10,7 +10,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 versions=("$@")
 if [ ${#versions[@]} -eq 0 ]; then
-    versions=(2.9.1 2.10.0 2.11.0 2.12.1 2.13.0)
+    versions=(2.9.1 2.10.0 2.11.0 2.12.1 2.13.0 2.14.1)
 fi
 status=0
 summary=()

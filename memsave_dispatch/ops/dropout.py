@@ -25,12 +25,16 @@ def _is_nonzero(tensor):
     return tensor != 0
 
 
+def _nothing(*_args) -> tuple:
+    return ()
+
+
 def _kept_value(dtype: torch.dtype, p: float) -> float:
     """What stock's ``noise.bernoulli_(1 - p).div_(1 - p)`` holds where it keeps an element."""
     return torch.ones((), dtype=dtype).div_(1 - p).item()
 
 
-@register_handler(aten.dropout.default, aten.dropout_.default, aten.feature_dropout.default, aten.feature_dropout_.default)
+@register_handler(aten.dropout.default, aten.feature_dropout.default)
 class Dropout(SavingPolicy):
     """out = x * noise; backward: grad * noise. The noise is two-valued: one bit each."""
 
@@ -39,6 +43,8 @@ class Dropout(SavingPolicy):
     @staticmethod
     def can_save(input, p, train):
         return bool(train) and 0 < p < 1  # otherwise stock returns x itself or multiplies by 0
+
+    stock_keeps = staticmethod(_nothing)  # (x itself, or x * 0: nothing of x is kept)
 
     @staticmethod
     def saved(args, outputs):
@@ -50,6 +56,17 @@ class Dropout(SavingPolicy):
         return {"other": Saved(noise, Encode(codec))}
 
     released = staticmethod(its_input)  # the product keeps only the noise
+
+
+@register_handler(aten.dropout_.default, aten.feature_dropout_.default)
+class DropoutInplace(Dropout):
+    """In place (``inplace=True``). On a view (torchvision's classifiers drop out a flattened
+    tensor in place) autograd wraps the Mul node in a CopySlices node on the base, out of
+    reach: stock keeps the noise there."""
+
+    @staticmethod
+    def unsupported(input, p, train):
+        return "in place on a view" if input._base is not None else None
 
 
 def _as_bool(tensor):
@@ -65,6 +82,8 @@ class NativeDropout(SavingPolicy):
     @staticmethod
     def can_save(input, p, train):
         return bool(train) and 0 < p < 1
+
+    stock_keeps = staticmethod(_nothing)
 
     @staticmethod
     def saved(args, outputs):

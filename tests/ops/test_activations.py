@@ -76,6 +76,40 @@ def test_relu_output_kept_by_the_next_layer_costs_nothing_extra():
     assert mode.report["aten.relu.default"].encodings == {"kept (shared with consumer)": 1}
 
 
+# consumer (which keeps its input, run by stock: nothing to save) and its weight's shape
+LATER_KEEPERS = {
+    "trainable conv": (lambda y, w: F.conv2d(y, w), (4, 3, 3, 3)),
+    "batch norm, train": (lambda y, w: F.batch_norm(y, None, None, w, training=True), (3,)),
+    "linear": (lambda y, w: F.linear(y.flatten(1), w), (5, 3 * 8 * 8)),
+}
+
+
+@pytest.mark.parametrize("keeper", sorted(LATER_KEEPERS))
+def test_relu_output_dropped_then_kept_by_a_later_consumer_costs_nothing_extra(keeper):
+    """relu -> pool (drops it: the mask is made) and, later, a consumer that keeps it (as a
+    LoRA branch after its frozen base does): the mask would be extra, so it is undone."""
+    keep, weight_shape = LATER_KEEPERS[keeper]
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(weight_shape))
+
+    def run(x, w):
+        y = F.relu(x * 1)
+        return F.avg_pool2d(y, 2).sum() + keep(y, w).sum()
+
+    stock, mode = compare_with_stock(run, {"x": x, "w": w}, state=("w",))
+    assert mode.saved_bytes == stock.saved_bytes
+    assert mode.report["aten.relu.default"].encodings == {"kept (shared with consumer)": 1}
+
+
+def test_relu_output_dropped_then_passed_through_a_dropout_of_zero_keeps_the_bits():
+    """A consumer that stock runs without keeping its input (dropout with p=0 returns it) does
+    not cancel the mask."""
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    stock, mode = compare_with_stock(lambda x: F.avg_pool2d(F.dropout(F.relu(x * 1), 0.0), 2), {"x": x})
+    assert mode.saved_bytes == -(-x.numel() // 8)
+    assert mode.report["aten.relu.default"].encodings == {"1-bit mask": 1}
+
+
 def test_relu_modified_in_place_before_the_consumer_is_left_to_stock():
     """If the output changes in place after the ReLU, stock's version check must still fire."""
     x = torch.randn(2, 3, 4, 4, requires_grad=True)

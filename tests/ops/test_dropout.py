@@ -40,3 +40,19 @@ def test_dropout_matches_stock(name, p, train, dtype):
         assert mode.report[op].encodings == {"1-bit mask": 1}
     else:
         assert mode.saved_bytes == stock.saved_bytes  # identity or a product with 0: nothing to save
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inplace_dropout_on_a_view_runs_stock(dtype):
+    """torchvision's classifiers drop out a flattened tensor in place: autograd then hides the
+    Mul node inside a CopySlices node, so the call is left to stock, and says why."""
+
+    def classifier_head(x):
+        torch.manual_seed(1234)
+        return F.dropout(torch.flatten(x * 1, 1), 0.2, training=True, inplace=True).sum(1)
+
+    x = torch.randn(4, 6, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    stock, mode = compare_with_stock(classifier_head, {"x": x.requires_grad_(True)})
+    assert mode.saved_bytes == stock.saved_bytes
+    report = mode.report["aten.dropout_.default"]
+    assert report.handled == 0 and report.to_stock == {"in place on a view": 1}
