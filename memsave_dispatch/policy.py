@@ -288,6 +288,33 @@ def keep(tensors) -> None:
             _kept(tensor)
 
 
+def _undo_encodings_kept_elsewhere() -> None:
+    """An operator this library does not see may keep an activation after a handled consumer
+    released it (a squeeze-and-excitation block keeps x for ``x * scale`` after pooling it):
+    the tensor or its storage then has another owner (a saved variable, an alias packed by
+    saved-tensor hooks, or a view), and the encoding is undone. Checked whenever a new encoding is deferred: the consumers of
+    earlier activations have run by then, and the table holds only live tensors, a few."""
+    for entry in list(_deferred.by_tensor.values()):
+        if entry.encoded is not None:
+            tensor = entry.tensor_ref()
+            if tensor is not None and _owned_elsewhere(tensor):
+                _kept(tensor)
+
+
+def _owned_elsewhere(tensor: Tensor) -> bool:
+    """Whether anything besides its Python object holds the tensor (a node that saved it as it
+    is) or its storage (an alias packed by saved-tensor hooks, a view)."""
+    return tensor._use_count() > 1 or _storage_references(tensor) > _LONE_STORAGE_REFERENCES
+
+
+def _storage_references(tensor: Tensor) -> int:
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
+# A lone tensor's count: the Python storage object asked for counts too on some releases.
+_LONE_STORAGE_REFERENCES = _storage_references(torch.empty(1))
+
+
 def encodings_pending() -> bool:
     """Whether any deferred encoding in this thread could still be made or undone."""
     return bool(_deferred.by_tensor)
@@ -428,5 +455,7 @@ def apply_policy(
     tallies = [mode._tally(op, family) for mode in modes]
     for tally in tallies:
         tally.add_handled(stock_bytes, kept_bytes, tracing, labels)
+    if deferred and pending:
+        _undo_encodings_kept_elsewhere()
     for tensor, name, codec, holder, nbytes in deferred:
         _defer(tensor, _Deferred(tensor, node, name, codec, holder, tallies, nbytes))

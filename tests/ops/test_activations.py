@@ -101,6 +101,23 @@ def test_relu_output_dropped_then_kept_by_a_later_consumer_costs_nothing_extra(k
     assert mode.report["aten.relu.default"].encodings == {"kept (shared with consumer)": 1}
 
 
+def test_relu_output_kept_by_an_operator_the_library_does_not_see_costs_nothing_extra():
+    """A squeeze-and-excitation block pools its input (a release: the mask is made), then keeps
+    it for ``x * scale``, an operator this library does not handle: the next deferred ReLU
+    finds the activation owned by that node and undoes the mask."""
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+
+    def squeeze_excite_then_relu(x):
+        y = F.relu(x * 1)
+        excited = y * torch.sigmoid(F.adaptive_avg_pool2d(y, 1))
+        return F.adaptive_avg_pool2d(F.relu(excited), 1)
+
+    stock, mode = compare_with_stock(squeeze_excite_then_relu, {"x": x})
+    y_bytes = x.numel() * x.element_size()
+    assert mode.saved_bytes == stock.saved_bytes - y_bytes + -(-x.numel() // 8)  # only the last ReLU's bits
+    assert mode.report["aten.relu.default"].encodings == {"kept (shared with consumer)": 1, "1-bit mask": 1}
+
+
 def test_relu_output_dropped_then_passed_through_a_dropout_of_zero_keeps_the_bits():
     """A consumer that stock runs without keeping its input (dropout with p=0 returns it) does
     not cancel the mask."""
