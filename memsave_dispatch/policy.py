@@ -292,8 +292,9 @@ def _undo_encodings_kept_elsewhere() -> None:
     """An operator this library does not see may keep an activation after a handled consumer
     released it (a squeeze-and-excitation block keeps x for ``x * scale`` after pooling it):
     the tensor or its storage then has another owner (a saved variable, an alias packed by
-    saved-tensor hooks, or a view), and the encoding is undone. Checked whenever a new encoding is deferred: the consumers of
-    earlier activations have run by then, and the table holds only live tensors, a few."""
+    saved-tensor hooks, or a view), and the encoding is undone. Checked whenever a new
+    encoding is deferred: the consumers of earlier activations have run by then, and the table
+    holds only live tensors, a few."""
     for entry in list(_deferred.by_tensor.values()):
         if entry.encoded is not None:
             tensor = entry.tensor_ref()
