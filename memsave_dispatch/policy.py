@@ -205,13 +205,14 @@ class _Deferred:
     later consumer keeping the tensor after all undoes the encoding: the bits would be extra.
     """
 
-    __slots__ = ("tensor_ref", "version", "node", "slot", "codec", "holder", "tallies", "nbytes", "encoded")
+    __slots__ = ("tensor_ref", "version", "node", "slot", "codec", "holder", "tallies", "nbytes", "encoded", "alias")
 
     def __init__(self, tensor, node, slot, codec, holder, tallies, nbytes) -> None:
         self.version = tensor._version
         self.node, self.slot, self.codec, self.holder = node, slot, codec, holder
         self.tallies, self.nbytes = tallies, nbytes
         self.encoded: _Encoded | None = None
+        self.alias: Tensor | None = None  # once encoded, while the tensor lives: its storage
 
 
 class _ThreadDeferred(threading.local):
@@ -226,8 +227,19 @@ def _defer(tensor: Tensor, entry: _Deferred) -> None:
     table = _deferred.by_tensor
     key = id(tensor)
     # The table forgets a tensor when it dies (the callback captures this thread's table).
-    entry.tensor_ref = weakref.ref(tensor, lambda _ref, key=key, table=table: table.pop(key, None))
+    entry.tensor_ref = weakref.ref(tensor, lambda _ref, key=key, table=table: _died(table.pop(key, None)))
     table[key] = entry
+
+
+def _died(entry: _Deferred | None) -> None:
+    """The tensor's Python object is gone. If its storage lives on in an alias that
+    saved-tensor hooks packed for an operator this library does not see, undo the encoding
+    (the dying tensor still counts while this runs: besides ``alias``, one more owner is it)."""
+    if entry is None or entry.alias is None:
+        return
+    alias, entry.alias = entry.alias, None
+    if _storage_references(alias) > _LONE_STORAGE_REFERENCES + 1 and alias._version == entry.version:
+        _undo(entry, alias)
 
 
 def _entry_of(tensor: Tensor) -> _Deferred | None:
@@ -264,7 +276,7 @@ def _released(tensor: Tensor) -> None:
     else:
         holder = _Encoded(entry.codec, None)
         _hook_slot(entry.node, entry.slot, holder)
-    entry.encoded, entry.node = holder, None
+    entry.encoded, entry.node, entry.alias = holder, None, tensor.detach()
     for tally in entry.tallies:
         tally.reencode(EncodeWhenReleased.label, entry.codec.name, holder.nbytes - entry.nbytes)
 
@@ -298,14 +310,14 @@ def _undo_encodings_kept_elsewhere() -> None:
     for entry in list(_deferred.by_tensor.values()):
         if entry.encoded is not None:
             tensor = entry.tensor_ref()
-            if tensor is not None and _owned_elsewhere(tensor):
+            if tensor is not None and _owned_elsewhere(tensor, entry.alias):
                 _kept(tensor)
 
 
-def _owned_elsewhere(tensor: Tensor) -> bool:
+def _owned_elsewhere(tensor: Tensor, alias: Tensor) -> bool:
     """Whether anything besides its Python object holds the tensor (a node that saved it as it
-    is) or its storage (an alias packed by saved-tensor hooks, a view)."""
-    return tensor._use_count() > 1 or _storage_references(tensor) > _LONE_STORAGE_REFERENCES
+    is) or its storage (an alias packed by saved-tensor hooks, a view) besides ``alias``."""
+    return tensor._use_count() > 1 or _storage_references(alias) > _LONE_STORAGE_REFERENCES + 1
 
 
 def _storage_references(tensor: Tensor) -> int:
@@ -330,11 +342,16 @@ def _kept(tensor: Tensor) -> None:
     if entry is None:
         return
     _forget(entry)
-    holder, tensor = entry.encoded, entry.tensor_ref()
-    if holder is None or tensor._version != entry.version:
-        return
+    tensor = entry.tensor_ref()
+    if entry.encoded is not None and tensor._version == entry.version:
+        _undo(entry, tensor)
+    entry.alias = None
+
+
+def _undo(entry: _Deferred, original: Tensor) -> None:
+    holder = entry.encoded
     encoded_bytes = holder.nbytes
-    holder.keep_original(tensor)
+    holder.keep_original(original)
     for tally in entry.tallies:
         tally.reencode(entry.codec.name, EncodeWhenReleased.label, entry.nbytes - encoded_bytes)
 

@@ -118,6 +118,26 @@ def test_relu_output_kept_by_an_operator_the_library_does_not_see_costs_nothing_
     assert mode.report["aten.relu.default"].encodings == {"kept (shared with consumer)": 1, "1-bit mask": 1}
 
 
+def _squeeze_excite(y):
+    return y * torch.sigmoid(F.adaptive_avg_pool2d(y, 1))
+
+
+def test_relu_output_kept_unseen_after_its_python_object_died_costs_nothing_extra():
+    """The same inside a block whose return drops the last Python reference to the activation:
+    without hooks the node holding it keeps its Python object alive for the next ReLU to find;
+    under saved-tensor hooks (how the bytes are measured here) the node holds an alias, and the
+    tensor's death undoes the mask."""
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+
+    def run(x):
+        excited = _squeeze_excite(F.relu(x * 1))
+        return F.adaptive_avg_pool2d(F.relu(excited), 1)
+
+    stock, mode = compare_with_stock(run, {"x": x})
+    assert mode.saved_bytes == stock.saved_bytes - x.numel() * x.element_size() + -(-x.numel() // 8)
+    assert mode.report["aten.relu.default"].encodings == {"kept (shared with consumer)": 1, "1-bit mask": 1}
+
+
 def test_relu_output_dropped_then_passed_through_a_dropout_of_zero_keeps_the_bits():
     """A consumer that stock runs without keeping its input (dropout with p=0 returns it) does
     not cancel the mask."""
