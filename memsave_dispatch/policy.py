@@ -203,6 +203,8 @@ class _Deferred:
 
     It stays in the table once encoded (``encoded`` is then the slot's holder), so that a
     later consumer keeping the tensor after all undoes the encoding: the bits would be extra.
+    Until the tensor dies it also holds an alias of the tensor's storage (no extra memory: the
+    tensor holds it too), to tell at the tensor's death whether anything else still does.
     """
 
     __slots__ = ("tensor_ref", "version", "node", "slot", "codec", "holder", "tallies", "nbytes", "encoded", "alias")
