@@ -235,12 +235,11 @@ def _defer(tensor: Tensor, entry: _Deferred) -> None:
 
 def _died(entry: _Deferred | None) -> None:
     """The tensor's Python object is gone. If its storage lives on in an alias that
-    saved-tensor hooks packed for an operator this library does not see, undo the encoding
-    (the dying tensor still counts while this runs: besides ``alias``, one more owner is it)."""
+    saved-tensor hooks packed for an operator this library does not see, undo the encoding."""
     if entry is None or entry.alias is None:
         return
     alias, entry.alias = entry.alias, None
-    if _storage_references(alias) > _LONE_STORAGE_REFERENCES + 1 and alias._version == entry.version:
+    if _storage_references(alias) > _REFERENCES_AT_DEATH and alias._version == entry.version:
         _undo(entry, alias)
 
 
@@ -319,15 +318,27 @@ def _undo_encodings_kept_elsewhere() -> None:
 def _owned_elsewhere(tensor: Tensor, alias: Tensor) -> bool:
     """Whether anything besides its Python object holds the tensor (a node that saved it as it
     is) or its storage (an alias packed by saved-tensor hooks, a view) besides ``alias``."""
-    return tensor._use_count() > 1 or _storage_references(alias) > _LONE_STORAGE_REFERENCES + 1
+    return tensor._use_count() > 1 or _storage_references(alias) > _REFERENCES_WHILE_ALIVE
 
 
 def _storage_references(tensor: Tensor) -> int:
     return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
 
 
-# A lone tensor's count: the Python storage object asked for counts too on some releases.
-_LONE_STORAGE_REFERENCES = _storage_references(torch.empty(1))
+def _baseline_references() -> tuple[int, int]:
+    """A storage's count with nothing but a tensor and an alias of it, and from the alias in
+    the tensor's death callback. Measured, not assumed: releases differ in whether the Python
+    storage object asked for counts, and in whether the dying tensor still does."""
+    tensor = torch.empty(1)
+    alias = tensor.detach()
+    while_alive = _storage_references(alias)
+    at_death: list[int] = []
+    _ref = weakref.ref(tensor, lambda _: at_death.append(_storage_references(alias)))
+    del tensor
+    return while_alive, at_death[0]
+
+
+_REFERENCES_WHILE_ALIVE, _REFERENCES_AT_DEATH = _baseline_references()
 
 
 def encodings_pending() -> bool:
