@@ -312,7 +312,7 @@ def _undo_encodings_kept_elsewhere() -> None:
         if entry.encoded is not None:
             tensor = entry.tensor_ref()
             if tensor is not None and _owned_elsewhere(tensor, entry.alias):
-                _kept(tensor)
+                _settle_kept(entry)
 
 
 def _owned_elsewhere(tensor: Tensor, alias: Tensor) -> bool:
@@ -352,8 +352,12 @@ def _kept(tensor: Tensor) -> None:
     if not _deferred.by_tensor:
         return
     entry = _entry_of(tensor)
-    if entry is None:
-        return
+    if entry is not None:
+        _settle_kept(entry)
+
+
+def _settle_kept(entry: _Deferred) -> None:
+    """The entry's tensor lives on elsewhere: no encoding of it, and none to decide on later."""
     _forget(entry)
     tensor = entry.tensor_ref()
     if entry.encoded is not None and tensor._version == entry.version:
