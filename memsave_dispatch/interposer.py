@@ -227,7 +227,11 @@ def _route(entry, device: str | DispatchKey, stock, mode, keyset, args: tuple, k
         if reason is None and handler.unsupported is not None:
             reason = handler.unsupported(*full_arguments)
         if reason is None and entry.is_policy:
-            return _run_policy(entry, stock, keyset, args, kwargs, full_arguments)
+            if not (entry.in_place and full_arguments[0]._base is not None):
+                return _run_policy(entry, stock, keyset, args, kwargs, full_arguments)
+            # autograd wraps the node of an in-place call on a view in a CopySlices node on the
+            # base: its saved slots are out of a policy's reach
+            reason = "in place on a view"
     if reason is not None:
         accounting.record_stock(entry.op, entry.family, reason)
         return stock.call_boxed(keyset, *args, **kwargs)

@@ -134,6 +134,7 @@ class HandlerEntry:
     # positional Tensor or Tensor? (lists and keyword-only tensors need collecting)
     pick_tensors: Callable[[tuple], tuple] | None = None
     arity: int = 0  # schema arguments, keyword-only ones included: a call with fewer needs defaults
+    in_place: bool = False  # writes its first argument (relu_, dropout_)
 
     @property
     def is_policy(self) -> bool:
@@ -325,6 +326,7 @@ def _make_entry(op: OpOverload, handler: type) -> HandlerEntry:
         tensor_kwargs=tuple(a.name for a in keyword_only if _is_tensor_typed(a)),
         pick_tensors=_tuple_getter(tensor_positions) if plain and tensor_positions else None,
         arity=len(arguments),
+        in_place=bool(positional) and positional[0].alias_info is not None and positional[0].alias_info.is_write,
     )
 
 

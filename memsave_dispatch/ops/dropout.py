@@ -34,7 +34,7 @@ def _kept_value(dtype: torch.dtype, p: float) -> float:
     return torch.ones((), dtype=dtype).div_(1 - p).item()
 
 
-@register_handler(aten.dropout.default, aten.feature_dropout.default)
+@register_handler(aten.dropout.default, aten.dropout_.default, aten.feature_dropout.default, aten.feature_dropout_.default)
 class Dropout(SavingPolicy):
     """out = x * noise; backward: grad * noise. The noise is two-valued: one bit each."""
 
@@ -56,17 +56,6 @@ class Dropout(SavingPolicy):
         return {"other": Saved(noise, Encode(codec))}
 
     released = staticmethod(its_input)  # the product keeps only the noise
-
-
-@register_handler(aten.dropout_.default, aten.feature_dropout_.default)
-class DropoutInplace(Dropout):
-    """In place (``inplace=True``). On a view (torchvision's classifiers drop out a flattened
-    tensor in place) autograd wraps the Mul node in a CopySlices node on the base, out of
-    reach: stock keeps the noise there."""
-
-    @staticmethod
-    def unsupported(input, p, train):
-        return "in place on a view" if input._base is not None else None
 
 
 def _as_bool(tensor):

@@ -165,6 +165,25 @@ def test_relu_modified_in_place_before_the_consumer_is_left_to_stock():
                 out.sum().backward()
 
 
+IN_PLACE_ON_A_VIEW = {
+    "relu_": (lambda v: F.relu(v, inplace=True), "aten.relu_.default"),
+    "leaky_relu_": (lambda v: F.leaky_relu(v, 0.1, inplace=True), "aten.leaky_relu_.default"),
+    "hardtanh_": (lambda v: F.hardtanh(v, inplace=True), "aten.hardtanh_.default"),
+    "threshold_": (lambda v: F.threshold(v, 0.1, 0.0, inplace=True), "aten.threshold_.default"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IN_PLACE_ON_A_VIEW))
+def test_in_place_activation_on_a_view_runs_stock(name):
+    """In place on a view, autograd wraps the activation's node in a CopySlices node on the
+    base, out of a policy's reach: the call runs stock, and the report says why."""
+    activation, op = IN_PLACE_ON_A_VIEW[name]
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    stock, mode = compare_with_stock(lambda x: activation((x * 1)[:, 1:]).mean((2, 3)), {"x": x})
+    assert mode.saved_bytes == stock.saved_bytes
+    assert mode.report[op].handled == 0 and mode.report[op].to_stock == {"in place on a view": 1}
+
+
 def test_relu_on_a_strided_view():
     base = torch.randn(4, 6, 8, requires_grad=True)
     stock, mode = compare_with_stock(lambda base: F.relu(base[:, ::2, 1:] * 1).mean(-1), {"base": base})
