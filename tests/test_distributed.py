@@ -17,6 +17,7 @@ message. A child that hangs (a collective whose peer died) is killed at a deadli
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import multiprocessing
 import socket
 import time
@@ -151,6 +152,8 @@ def _worker(rank: int, port: int, wrapper: str, case: str, out_dir: str) -> None
     traceback, for the parent to read."""
     torch.set_num_threads(1)
     out = Path(out_dir)
+    # A crash in native code leaves no Python traceback: record where each thread was.
+    faulthandler.enable(open(out / f"rank{rank}.faults", "w"))
     try:
         dist.init_process_group(
             "gloo",
@@ -214,7 +217,14 @@ def _spawn(wrapper: str, case: str, out_dir: Path) -> list[dict]:
         pytest.fail(f"the ranks were still running after {DEADLINE_S} s (a hang?) and were killed", pytrace=False)
     for rank, process in enumerate(processes):
         if process.exitcode != 0:
-            pytest.fail(f"rank {rank} exited with code {process.exitcode} before reporting (see its stderr)", pytrace=False)
+            faults = out_dir / f"rank{rank}.faults"
+            where = faults.read_text() if faults.exists() else ""
+            reported = (out_dir / f"rank{rank}.pt").exists()
+            pytest.fail(
+                f"rank {rank} exited with code {process.exitcode} "
+                f"{'after' if reported else 'before'} reporting (see its stderr)\n{where}",
+                pytrace=False,
+            )
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
 
 
