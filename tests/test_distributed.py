@@ -205,9 +205,10 @@ def _spawn(wrapper: str, case: str, out_dir: Path) -> list[dict]:
                 break
             time.sleep(0.05)
     finally:
+        killed = [rank for rank, process in enumerate(processes) if process.is_alive()]
+        for rank in killed:
+            processes[rank].kill()
         for process in processes:
-            if process.is_alive():
-                process.kill()
             process.join(timeout=10)
     for rank in range(WORLD_SIZE):
         error = out_dir / f"rank{rank}.err"
@@ -215,13 +216,14 @@ def _spawn(wrapper: str, case: str, out_dir: Path) -> list[dict]:
             pytest.fail(f"rank {rank} failed:\n{error.read_text()}", pytrace=False)
     if timed_out:
         pytest.fail(f"the ranks were still running after {DEADLINE_S} s (a hang?) and were killed", pytrace=False)
-    for rank, process in enumerate(processes):
-        if process.exitcode != 0:
+    # a rank that died on its own first: the ones killed here only waited for it
+    for rank in sorted(range(WORLD_SIZE), key=lambda rank: rank in killed):
+        if processes[rank].exitcode != 0:
             faults = out_dir / f"rank{rank}.faults"
             where = faults.read_text() if faults.exists() else ""
             reported = (out_dir / f"rank{rank}.pt").exists()
             pytest.fail(
-                f"rank {rank} exited with code {process.exitcode} "
+                f"rank {rank} exited with code {processes[rank].exitcode} "
                 f"{'after' if reported else 'before'} reporting (see its stderr)\n{where}",
                 pytrace=False,
             )
