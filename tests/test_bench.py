@@ -3,6 +3,7 @@ CPU peak accounting counts what a step allocates."""
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -102,6 +103,31 @@ def test_interleaving_alternates_order_and_median_ratio():
     assert calls == ["a", "b", "b", "a", "a", "b"]
     assert times == {"a": [1.0] * 3, "b": [1.0] * 3}
     assert median_ratio([2.0, 3.0, 10.0], [1.0, 1.0, 1.0]) == 3.0
+
+
+def test_rounds_collect_only_what_the_steps_made():
+    """Objects alive before the rounds are out of the collections time_step runs before
+    each step, and back in afterwards, also when a step fails; a heap the caller froze stays
+    frozen."""
+    frozen_during = []
+    interleaved_times({"a": lambda: frozen_during.append(gc.get_freeze_count()) or 1.0}, 2)
+    assert len(frozen_during) == 2 and min(frozen_during) > 0
+    assert gc.get_freeze_count() == 0
+
+    def failing() -> float:
+        raise RuntimeError("step failed")
+
+    with pytest.raises(RuntimeError, match="step failed"):
+        interleaved_times({"a": failing}, 1)
+    assert gc.get_freeze_count() == 0
+
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        interleaved_times({"a": lambda: 1.0}, 1)
+        assert gc.get_freeze_count() == before
+    finally:
+        gc.unfreeze()
 
 
 def _trainable(model: nn.Module) -> list[str]:
