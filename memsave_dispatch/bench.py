@@ -372,9 +372,9 @@ def interleaved_times(
 @contextlib.contextmanager
 def _collecting_only_new_objects() -> Iterator[None]:
     """Objects alive before the rounds start are set aside from garbage collection, so the
-    collection :func:`time_step` runs before each step walks only what the steps made: after
-    a torch.compile the process holds millions of objects, and a full collection took 0.4 s,
-    a fifth of a quick benchmark's run. A caller that froze objects itself keeps them so."""
+    collection :func:`time_step` runs before each step walks only what the steps made. After
+    a torch.compile a full collection took 0.4 s, two per round: a fifth of a quick
+    benchmark's run. A caller that froze objects itself keeps them so."""
     if gc.get_freeze_count():
         yield
         return
