@@ -30,7 +30,6 @@ from torch import Tensor
 from torch._C import DispatchKey
 from torch._ops import OpOverload
 from torch.autograd import forward_ad
-from torch.fx.experimental.proxy_tensor import get_proxy_mode as _get_proxy_mode
 from torch.library import Library
 from torch.nn import Parameter
 
@@ -277,7 +276,7 @@ def _reason_for_stock(entry, device, mode, args: tuple, kwargs: dict) -> str | N
         return "functorch transform"
     if _jit_tracing_state() is not None:
         return "torch.jit tracing"
-    if _make_fx_tracing() and not is_compiling():
+    if _proxy_tracing() and not is_compiling():
         # make_fx (or export) records every tensor operation, the handlers' own included,
         # and cannot run data-dependent ones: trace stock's
         return "make_fx tracing"
@@ -314,9 +313,12 @@ _get_dispatch_mode_pre_dispatch = torch._ops._get_dispatch_mode_pre_dispatch
 _PROXY = torch._C._TorchDispatchModeKey.PROXY
 
 
-def _make_fx_tracing() -> bool:
-    """A proxy tracing mode is active (``get_proxy_mode()``, in a fifth of its time)."""
+def _proxy_tracing() -> bool:
+    """A proxy tracing mode is active: make_fx's, or AOTAutograd's under torch.compile
+    (``get_proxy_mode() is not None``, in a fifth of its time)."""
     return _get_dispatch_mode(_PROXY) is not None or _get_dispatch_mode_pre_dispatch(_PROXY) is not None
+
+
 _TRACING_TENSORS = ("FunctionalTensor", "FakeTensor")
 _STRIDED = torch.strided
 # One dtype lookup instead of is_complex() and is_quantized per tensor.
@@ -333,7 +335,7 @@ _UNSUPPORTED_DTYPES = {
 def _unsupported_tensor_type(kind: type) -> str | None:
     name = kind.__name__
     if name in _TRACING_TENSORS and is_compiling():
-        if _get_proxy_mode() is not None:
+        if _proxy_tracing():
             return None  # AOTAutograd traces the graph: handle it, the saving gets compiled
         return "shape propagation"  # dynamo running ops on fake tensors: only outputs matter
     if name == "FakeTensor":
