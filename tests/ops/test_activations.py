@@ -102,6 +102,10 @@ def test_relu_output_dropped_then_kept_by_a_later_consumer_costs_nothing_extra(k
     assert mode.report["aten.relu.default"].encodings == {"kept (shared with consumer)": 1}
 
 
+def _squeeze_excite(y):
+    return y * torch.sigmoid(F.adaptive_avg_pool2d(y, 1))
+
+
 def test_relu_output_kept_by_an_operator_the_library_does_not_see_costs_nothing_extra():
     """A squeeze-and-excitation block pools its input (a release: the mask is made), then keeps
     it for ``x * scale``, an operator this library does not handle: the next deferred ReLU
@@ -110,17 +114,12 @@ def test_relu_output_kept_by_an_operator_the_library_does_not_see_costs_nothing_
 
     def squeeze_excite_then_relu(x):
         y = F.relu(x * 1)
-        excited = y * torch.sigmoid(F.adaptive_avg_pool2d(y, 1))
-        return F.adaptive_avg_pool2d(F.relu(excited), 1)
+        return F.adaptive_avg_pool2d(F.relu(_squeeze_excite(y)), 1)
 
     stock, mode = compare_with_stock(squeeze_excite_then_relu, {"x": x})
     y_bytes = x.numel() * x.element_size()
     assert mode.saved_bytes == stock.saved_bytes - y_bytes + -(-x.numel() // 8)  # only the last ReLU's bits
     assert mode.report["aten.relu.default"].encodings == {"kept (shared with consumer)": 1, "1-bit mask": 1}
-
-
-def _squeeze_excite(y):
-    return y * torch.sigmoid(F.adaptive_avg_pool2d(y, 1))
 
 
 def test_relu_output_kept_unseen_after_its_python_object_died_costs_nothing_extra():

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from memsave_dispatch import MemSaveMode
+from memsave_dispatch._compat import BFLOAT16_ADAPTIVE_MAX_POOL2D_INDICES_IN_WINDOW
 from tests._compare import DTYPES, compare_with_stock
 
 FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -70,8 +71,6 @@ def _outputs(run) -> int:
 
 def _indices_may_leave_their_window(name: str, dtype: torch.dtype) -> bool:
     """torch < 2.11, bfloat16, adaptive 2-d max pooling (1-d runs through it): kept as int64."""
-    from memsave_dispatch._compat import BFLOAT16_ADAPTIVE_MAX_POOL2D_INDICES_IN_WINDOW
-
     adaptive_2d = name in ("adaptive-max1d", "adaptive-max2d")
     return adaptive_2d and dtype is torch.bfloat16 and not BFLOAT16_ADAPTIVE_MAX_POOL2D_INDICES_IN_WINDOW
 
@@ -105,8 +104,6 @@ def test_max_pool_keeps_window_offsets(name, dtype, channels_last):
 def test_bfloat16_adaptive_max_pool_matches_stock_where_its_indices_leave_the_window(channels_last):
     """torch < 2.11's bfloat16 kernel returns some indices outside their window for this
     geometry (17x17 to 5x5); no offset describes those, so the int64 indices are kept there."""
-    from memsave_dispatch._compat import BFLOAT16_ADAPTIVE_MAX_POOL2D_INDICES_IN_WINDOW
-
     pool = lambda x: F.adaptive_max_pool2d(x, 5)
     x = torch.randn(4, 8, 17, 17, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     if channels_last:
