@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
 
-from ._compat import SAVED_SLOTS_READABLE
-from .policy import _HOLDERS_KEY, _Encoded, _Ghosted
+from ._compat import SAVED_SLOTS_READABLE, autograd_function_of, tree_leaves, is_wrapped_number, node_sequence_nr, read_saved_slot, saved_slot, saved_slot_names
 from .report import format_bytes, render_text
+from .slots import describe_holder, holder_of
+from .storage import is_parameter, storage_key
 
 __all__ = ["audit", "track_modules", "AuditReport", "NodeTypeSummary"]
 
@@ -64,36 +64,29 @@ def _tensors_in(packed: Any, depth: int = 0) -> Iterator[Tensor]:
             yield from _tensors_in(getattr(packed, name, None), depth + 1)
 
 
-def _read_slot(slot) -> tuple[str, list[Tensor]]:
+def _read_slot(node, name: str, slot) -> tuple[str, list[Tensor]]:
     """(form, tensors) for one SavedVariable: what it holds and in which form."""
     try:
-        unpack = slot.unpack_hook
-        packed = slot.data
+        unpack, packed = read_saved_slot(slot)
     except RuntimeError:  # released by a backward pass that did not retain the graph
         return "freed", []
-    holder = getattr(unpack, "__self__", None)
-    if isinstance(holder, (_Ghosted, _Encoded)):
-        return _read_holder(holder)
+    holder = holder_of(node, name, unpack)
+    if holder is not None:
+        form, kept = describe_holder(holder)
+        return form, list(_tensors_in(kept))
     if unpack is not None:
         return USER_HOOKS, list(_tensors_in(packed))
     return AS_STOCK, [] if packed is None else [packed]
-
-
-def _read_holder(holder: _Ghosted | _Encoded) -> tuple[str, list[Tensor]]:
-    if isinstance(holder, _Ghosted):
-        return "dropped", []
-    form = "kept (shared with consumer)" if holder.deferred else holder.codec.name
-    return form, list(_tensors_in(holder.kept))
 
 
 def _read_slot_by_unpacking(node, name: str) -> tuple[str, list[Tensor]]:
     """The same where slots cannot show what they hold (torch < 2.13): MemSaveMode's slots
     are found through the node's metadata; any other slot is unpacked, so one packed by the
     user's saved-tensor hooks shows as what their unpack hook returns."""
-    holder_ref = node.metadata.get(_HOLDERS_KEY, {}).get(name)
-    if holder_ref is not None:
-        holder = holder_ref()
-        return ("freed", []) if holder is None else _read_holder(holder)
+    holder = holder_of(node, name)
+    if holder is not None:
+        form, kept = describe_holder(holder)
+        return form, list(_tensors_in(kept))
     try:
         try:
             value = getattr(node, "_saved_" + name)
@@ -106,20 +99,21 @@ def _read_slot_by_unpacking(node, name: str) -> tuple[str, list[Tensor]]:
 
 def _slots(node) -> Iterator[tuple[str, list[Tensor]]]:
     """(form, tensors) for every saved slot of ``node``."""
-    for name in [n[len("_raw_saved_") :] for n in dir(node) if n.startswith("_raw_saved_")]:
+    for name in saved_slot_names(node):
         if not SAVED_SLOTS_READABLE:
             yield _read_slot_by_unpacking(node, name)
             continue
         try:
-            value = getattr(node, "_raw_saved_" + name)
+            value = saved_slot(node, name)
         except RuntimeError:  # a freed list of saved tensors
             continue
         for slot in value if isinstance(value, (list, tuple)) else (value,):
-            yield _read_slot(slot)
+            yield _read_slot(node, name, slot)
 
 
 def _is_memsave_node(node) -> bool:
-    return getattr(getattr(type(node), "_forward_cls", None), "memsave_handler", None) is not None
+    function = autograd_function_of(node)
+    return function is not None and getattr(function, "memsave_handler", None) is not None
 
 
 def _walk(roots: Iterable[Any]) -> Iterator[Any]:
@@ -174,31 +168,41 @@ class AuditReport:
         }
 
     def table(self, depth: int = 2):
-        """Rich tables: per node type, and per module down to ``depth`` when tracked."""
+        """Rich tables that fit 80 columns (names and numbers never wrap): per node type, and
+        per module down to ``depth`` when the forward pass was tracked."""
+        from rich import box
         from rich.console import Group
         from rich.table import Table
 
-        by_type = Table(title="Kept for backward, per autograd node type", title_justify="left", show_footer=True)
-        by_type.add_column("node type", "total", style="bold")
-        by_type.add_column("nodes", str(sum(r.nodes for r in self.node_types.values())), justify="right")
-        by_type.add_column("changed by MemSaveMode", str(sum(r.changed_by_memsave for r in self.node_types.values())), justify="right")
-        by_type.add_column("saved slots are")
-        by_type.add_column("bytes", format_bytes(self.total_bytes), justify="right")
-        by_type.add_column("share", "100%", justify="right")
+        by_type = Table(
+            title="Kept for backward, per autograd node type",
+            title_justify="left",
+            show_footer=True,
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
+        by_type.add_column("node type", "total", style="bold", no_wrap=True)
+        by_type.add_column("nodes", str(sum(r.nodes for r in self.node_types.values())), justify="right", no_wrap=True)
+        changed = str(sum(r.changed_by_memsave for r in self.node_types.values()))
+        by_type.add_column("changed", changed, justify="right", no_wrap=True)
+        by_type.add_column("bytes", format_bytes(self.total_bytes), justify="right", no_wrap=True)
+        by_type.add_column("share", "100%", justify="right", no_wrap=True)
+        by_type.add_column("saved slots are", ratio=1)
         for name, row in sorted(self.node_types.items(), key=lambda item: -item[1].bytes):
             forms = ", ".join(f"{n} {form}" for form, n in sorted(row.forms.items())) or "-"
             share = f"{100 * row.bytes / self.total_bytes:.1f}%" if self.total_bytes else "-"
-            by_type.add_row(name, str(row.nodes), str(row.changed_by_memsave), forms, format_bytes(row.bytes), share)
+            by_type.add_row(name, str(row.nodes), str(row.changed_by_memsave), format_bytes(row.bytes), share, forms)
         by_type.caption = (
-            f"each storage counted once, for the node created first; parameters, buffers and "
-            f"excluded tensors ({format_bytes(self.excluded_bytes)}) not counted"
+            f"'changed': nodes MemSaveMode changed. Each storage counted once, for the node created "
+            f"first; parameters, buffers and excluded tensors ({format_bytes(self.excluded_bytes)}) "
+            f"not counted."
         )
         if self.modules is None:
             return by_type
-        by_module = Table(title="Kept for backward, per module", title_justify="left")
-        by_module.add_column("module", style="bold")
-        by_module.add_column("bytes", justify="right")
-        by_module.add_column("share", justify="right")
+        by_module = Table(title="Kept for backward, per module", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        by_module.add_column("module", style="bold", no_wrap=True)
+        by_module.add_column("bytes", justify="right", no_wrap=True)
+        by_module.add_column("share", justify="right", no_wrap=True)
         for name, nbytes in self.modules.items():
             level = 0 if name == self.root_module or name == _OUTSIDE else name.count(".") + 1
             if level > depth:
@@ -225,40 +229,37 @@ def audit(
     *,
     model: nn.Module | None = None,
     exclude: Iterable[Tensor] = (),
+    created_from: int | None = None,
 ) -> AuditReport:
     """Tabulate what the graph behind ``outputs`` keeps for backward.
 
     ``model``: its parameters and buffers are not counted (they live as long as the model);
     per-module rows need the forward pass to have run inside :func:`track_modules`.
+    ``created_from``: count only nodes this thread created from that sequence number on
+    (graphs the inputs came from are left out).
     """
     roots = [t.grad_fn for t in tree_leaves(outputs) if isinstance(t, Tensor)]
     nodes = list(_walk(roots))
     excluded: set[tuple] = set()
 
-    def key_of(tensor: Tensor) -> tuple | None:
-        try:
-            storage = tensor.untyped_storage()
-            pointer = storage.data_ptr()
-        except (RuntimeError, NotImplementedError):  # meta, fake or sparse: no storage to count
-            return None
-        return (storage.device, pointer) if storage.nbytes() else None
-
     state = [*exclude, *(() if model is None else (*model.parameters(), *model.buffers()))]
     for tensor in state:
-        if (key := key_of(tensor)) is not None:
-            excluded.add(key)
+        if (found := storage_key(tensor.detach())) is not None:
+            excluded.add(found[0])
 
     owner: dict[tuple, tuple[int, str, int, str | None]] = {}  # storage -> (seq, type, bytes, module)
     excluded_bytes: dict[tuple, int] = {}
     node_types: dict[str, NodeTypeSummary] = defaultdict(NodeTypeSummary)
     tracked = False
     for node in nodes:
+        sequence = node_sequence_nr(node)
+        if created_from is not None and sequence < created_from:
+            continue
         kind = type(node).__name__
         row = node_types[kind]
         row.nodes += 1
         module = None if kind == "AccumulateGrad" else node.metadata.get(_MODULE_KEY)
         tracked = tracked or module is not None
-        sequence = node._sequence_nr()
         changed = _is_memsave_node(node)
         for form, tensors in _slots(node):
             if form not in (AS_STOCK, USER_HOOKS, "freed"):
@@ -266,11 +267,13 @@ def audit(
             if tensors or form != AS_STOCK:
                 row.forms[form] += 1
             for tensor in tensors:
-                key = key_of(tensor)
-                if key is None:
+                if is_wrapped_number(tensor):
+                    continue  # a Python scalar argument, not an activation
+                found = storage_key(tensor.detach())
+                if found is None:
                     continue
-                nbytes = tensor.untyped_storage().nbytes()
-                if key in excluded or isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter):
+                key, nbytes = found
+                if key in excluded or is_parameter(tensor):
                     excluded_bytes[key] = nbytes
                 elif key not in owner or sequence < owner[key][0]:
                     owner[key] = (sequence, kind, nbytes, module)

@@ -1,118 +1,37 @@
-"""The handler registry: which aten operators MemSaveMode reroutes, and how.
+"""The handler registry: which aten operators MemSaveMode reroutes, and how to call them.
 
-Two kinds of handler, both registered with :func:`register_handler`:
-
-``SavingPolicy`` keeps stock's autograd formula (same ``grad_fn``, same backward kernel) and
-only decides, per tensor the stock node saves, whether to keep it, drop it (backward reads a
-zero-memory ghost of the same layout) or keep an exact encoding::
-
-    @register_handler(torch.ops.aten.convolution.default)
-    class Convolution(SavingPolicy):
-        family = "conv"
-
-        @staticmethod
-        def saved(args, outputs):
-            input, weight = args[0], args[1]
-            return {
-                "input": Saved(input, KEEP if weight.requires_grad else DROP),
-                "weight": Saved(weight, KEEP),
-            }
-
-``Handler`` replaces the formula with your own, written like a ``torch.autograd.Function``::
-
-    @register_handler(torch.ops.aten.my_op.default)
-    class MyOp(Handler):
-        @staticmethod
-        def forward(ctx, *op_args):   # runs below autograd: call the op directly
-            ...
-        @staticmethod
-        def backward(ctx, *grad_outputs):   # one gradient (or None) per op argument
-            ...
-
-Both receive every operator argument positionally, defaults filled in.
+A registration checks the handler against the operator's schema and precomputes what the
+interposing kernel needs per call (argument defaults, where the tensors are, whether the
+operator writes its first argument).
 """
 
 from __future__ import annotations
 
 import inspect
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
-import torch
 from torch import Tensor
-from torch._ops import OpOverload, OpOverloadPacket
+
+from ._compat import OpOverload, OpOverloadPacket, op_schema, packet_name
+from .authoring import Handler, SavingPolicy
 
 __all__ = [
-    "Handler",
-    "SavingPolicy",
     "HandlerEntry",
     "RegistrationError",
     "register_handler",
     "unregister_handler",
     "registered_ops",
     "handler_for",
-    "FAMILIES",
+    "make_entry",
+    "check_op",
 ]
-
-FAMILIES = ("conv", "linear", "norm", "pooling", "activation", "dropout", "custom")
 
 
 class RegistrationError(TypeError):
     """A handler cannot be registered as given; the message says what to change."""
-
-
-class _HandlerBase:
-    family: ClassVar[str] = "custom"
-    devices: ClassVar[frozenset[str]] = frozenset({"cpu"})
-    unsupported: ClassVar[Callable[..., str | None] | None] = None
-    """``unsupported(*args) -> str | None``: a reason to leave this call to stock PyTorch
-    (counted in the report), or None to handle it."""
-    can_save: ClassVar[Callable[..., bool] | None] = None
-    """``can_save(*args) -> bool``, decided before the call: False when handling it cannot
-    reduce what is kept (every tensor stock keeps is needed). The call then runs stock
-    untouched, counted as "nothing to save", and skips the handler's overhead."""
-    stock_keeps: ClassVar[Callable[..., Iterable[Tensor]] | None] = None
-    """``stock_keeps(*args)``: where ``can_save`` is False, the inputs stock's node keeps
-    (default: every tensor argument). A deferred encoding of one of them (a ReLU output) is
-    then not made, or undone if an earlier consumer's release made it: the tensor lives on."""
-
-
-class SavingPolicy(_HandlerBase):
-    """Stock's autograd formula; ``saved(args, outputs)`` decides what its node keeps.
-
-    ``saved`` returns, by slot name (the ``<name>`` of ``grad_fn._saved_<name>``), a
-    :class:`~memsave_dispatch.policy.Saved` pair: the tensor stock saves there (None if
-    none) and a decision: ``KEEP``, ``DROP``, ``Encode(codec)`` or
-    ``EncodeWhenReleased(codec)``. Slots it does not name are kept. The report counts the
-    bytes of every tensor named.
-    """
-
-    saved: ClassVar[Callable[[tuple, tuple], Mapping[str, Any]]]
-    released: ClassVar[Callable[..., Iterable[Tensor]] | None] = None
-    """``released(*args)``: the inputs this call will not keep (dropped in ``saved``, or never
-    saved by stock, like the input of a ``mean``). Asked before the operator runs, so that a
-    deferred encoding of such a tensor (a ReLU output) reads it while it is still in cache,
-    not after the operator's kernel has evicted it. Inputs dropped in ``saved`` and not named
-    here are released after the call."""
-
-
-class Handler(_HandlerBase):
-    """Your own autograd formula for an operator, as ``forward``/``backward`` static methods.
-
-    Optional hooks:
-
-    - ``stock_saved(args, outputs) -> Iterable[Tensor | None]``: the tensors stock autograd
-      would have kept for this call, for the report's "stock keeps" column. None: unknown.
-
-    Save tensors with ``ctx.save_for_backward`` (``memsave_dispatch.saving.save_needed``
-    helps) so that saved-tensor hooks, ``save_on_cpu`` and version checks see them.
-    """
-
-    forward: ClassVar[Callable[..., Any]]
-    backward: ClassVar[Callable[..., Any]]
-    stock_saved: ClassVar[Callable[[tuple, tuple], Iterable[Tensor | None]] | None] = None
 
 
 H = TypeVar("H", bound=type)
@@ -125,7 +44,7 @@ class HandlerEntry:
     op: OpOverload
     handler: type
     family: str
-    function: type[torch.autograd.Function] | None  # None for a SavingPolicy
+    is_policy: bool  # a SavingPolicy (stock's node, re-hooked), else a Handler (own Function)
     defaults: tuple[Any, ...]  # per positional argument; _REQUIRED where there is none
     kwarg_defaults: tuple[tuple[str, Any], ...]  # keyword-only arguments, in schema order
     tensor_positions: tuple[int, ...]  # positional arguments typed Tensor, Tensor? or Tensor[]
@@ -135,10 +54,6 @@ class HandlerEntry:
     pick_tensors: Callable[[tuple], tuple] | None = None
     arity: int = 0  # schema arguments, keyword-only ones included: a call with fewer needs defaults
     in_place: bool = False  # writes its first argument (relu_, dropout_)
-
-    @property
-    def is_policy(self) -> bool:
-        return self.function is None
 
     def full_arguments(self, args: tuple, kwargs: dict) -> tuple:
         """All schema arguments positionally, defaults filled in (boxed calls omit them)."""
@@ -163,8 +78,6 @@ class HandlerEntry:
         return found
 
 
-
-
 def _collect_tensors(value: Any, found: list) -> None:
     if isinstance(value, Tensor):
         found.append(value)
@@ -174,12 +87,11 @@ def _collect_tensors(value: Any, found: list) -> None:
 
 _REQUIRED = object()
 _REGISTRY: dict[OpOverload, HandlerEntry] = {}
-_listeners: list[Callable[[OpOverload], None]] = []
 
 
-def _check_op(op: object) -> OpOverload:
+def check_op(op: object) -> OpOverload:
     if isinstance(op, OpOverloadPacket):
-        name = op._qualified_op_name.split("::")[1]
+        name = packet_name(op)
         overloads = ", ".join(f"torch.ops.aten.{name}.{o}" for o in op.overloads())
         raise RegistrationError(
             f"{op} is an operator packet, not an overload; register the overload you mean "
@@ -213,12 +125,16 @@ def _require(handler: type, part: str, count: int, what: str) -> None:
 def _check_handler(op: OpOverload, handler: type) -> None:
     if not isinstance(handler, type) or not issubclass(handler, (Handler, SavingPolicy)):
         raise RegistrationError(
-            f"register_handler({op}) decorates a subclass of memsave_dispatch.SavingPolicy "
-            f"or memsave_dispatch.Handler, got {handler!r}"
+            f"register_handler({op}) decorates a subclass of memsave_dispatch.handlers.SavingPolicy "
+            f"or memsave_dispatch.handlers.Handler, got {handler!r}"
         )
-    if handler.family not in FAMILIES:
-        raise RegistrationError(f"{handler.__name__}.family is {handler.family!r}; choose one of {FAMILIES}")
-    schema = op._schema
+    family = getattr(handler, "family", None)
+    if not isinstance(family, str) or not family:
+        raise RegistrationError(
+            f"{handler.__name__}.family is {family!r}; give it a non-empty name to select it by, "
+            f"such as family = \"conv\" (any string)"
+        )
+    schema = op_schema(op)
     if issubclass(handler, SavingPolicy):
         _require(handler, "saved", 2, "a SavingPolicy defines saved(args, outputs) as a static method")
         return
@@ -233,44 +149,6 @@ def _check_handler(op: OpOverload, handler: type) -> None:
     )
 
 
-_C_APPLY = torch._C._FunctionBase.__dict__["apply"]
-
-
-def _build_function(op: OpOverload, handler: type) -> type[torch.autograd.Function]:
-    from . import accounting  # late: accounting imports the interposer, which imports us
-
-    handler_forward = handler.forward
-    handler_backward = handler.backward
-
-    # Handler code runs with torch-function handling off: the mode's own __torch_function__
-    # has nothing to do there and would cost a Python round trip per call.
-    def forward(ctx, *args):
-        with torch._C.DisableTorchFunction(), torch._C._AutoDispatchBelowAutograd():
-            outputs = handler_forward(ctx, *args)
-        accounting.record_handled(op, handler, args, outputs, ctx.to_save)
-        return outputs
-
-    def backward(ctx, *grads):
-        with torch._C.DisableTorchFunction():
-            return handler_backward(ctx, *grads)
-
-    function = type(
-        f"{handler.__name__}Function",
-        (torch.autograd.Function,),
-        {
-            "forward": staticmethod(forward),
-            "backward": staticmethod(backward),
-            "__doc__": handler.__doc__,
-            "__module__": handler.__module__,
-        },
-    )
-    # The C-level apply: Function.apply's Python wrapper only adds functorch bookkeeping,
-    # and calls under functorch transforms never reach a handler.
-    function.apply_untransformed = _C_APPLY.__get__(None, function)
-    function.memsave_handler = handler  # lets the audit recognise the nodes it creates
-    return function
-
-
 def register_handler(*ops: OpOverload, override: bool = False) -> Callable[[H], H]:
     """Class decorator: route ``ops`` through the decorated handler inside MemSaveMode.
 
@@ -280,20 +158,18 @@ def register_handler(*ops: OpOverload, override: bool = False) -> Callable[[H], 
     """
     if not ops:
         raise RegistrationError("register_handler needs at least one aten operator overload")
-    checked = [_check_op(op) for op in ops]
+    checked = [check_op(op) for op in ops]
 
     def decorate(handler: H) -> H:
+        entries = [make_entry(op, handler) for op in checked]
         for op in checked:
-            _check_handler(op, handler)
             if op in _REGISTRY and not override:
                 raise RegistrationError(
                     f"{op} already has the handler {_REGISTRY[op].handler.__qualname__}; pass "
                     f"override=True to replace it, or unregister_handler({op}) first"
                 )
-        for op in checked:
-            _REGISTRY[op] = _make_entry(op, handler)
-            for listener in _listeners:
-                listener(op)
+        for op, entry in zip(checked, entries):
+            _REGISTRY[op] = entry
         return handler
 
     return decorate
@@ -303,8 +179,12 @@ def _is_tensor_typed(argument) -> bool:
     return "Tensor" in str(argument.type)
 
 
-def _make_entry(op: OpOverload, handler: type) -> HandlerEntry:
-    arguments = op._schema.arguments
+def make_entry(op: OpOverload, handler: type) -> HandlerEntry:
+    """Check ``handler`` against ``op`` and precompute how to call it (RegistrationError
+    says what is wrong). Used for the global registry and for a mode's own handlers."""
+    check_op(op)
+    _check_handler(op, handler)
+    arguments = op_schema(op).arguments
     positional = [a for a in arguments if not a.kwarg_only]
     keyword_only = [a for a in arguments if a.kwarg_only]
 
@@ -319,7 +199,7 @@ def _make_entry(op: OpOverload, handler: type) -> HandlerEntry:
         op=op,
         handler=handler,
         family=handler.family,
-        function=None if issubclass(handler, SavingPolicy) else _build_function(op, handler),
+        is_policy=issubclass(handler, SavingPolicy),
         defaults=tuple(default(a) for a in positional),
         kwarg_defaults=tuple((a.name, default(a)) for a in keyword_only),
         tensor_positions=tensor_positions,
@@ -338,7 +218,7 @@ def _tuple_getter(positions: tuple[int, ...]) -> Callable[[tuple], tuple]:
 
 def unregister_handler(op: OpOverload) -> type:
     """Remove the handler of ``op`` (later calls run stock PyTorch); returns it."""
-    _check_op(op)
+    check_op(op)
     try:
         entry = _REGISTRY.pop(op)
     except KeyError:
@@ -353,7 +233,3 @@ def handler_for(op: OpOverload) -> HandlerEntry | None:
 def registered_ops() -> Sequence[OpOverload]:
     return tuple(_REGISTRY)
 
-
-def on_register(listener: Callable[[OpOverload], None]) -> None:
-    """Call ``listener(op)`` for every later registration (the interposer installs it)."""
-    _listeners.append(listener)

@@ -1,8 +1,9 @@
 """What a MemSaveMode intercepted, and the bytes its handlers kept against stock autograd.
 
 Per-operator bytes are what each backward node holds: a storage shared by two nodes counts
-in both (a ReLU output is also the next convolution's input). The whole-graph truth is the
-number :func:`memsave_dispatch.measure.saved_tensor_bytes` measures.
+in both (a ReLU output is also the next convolution's input). The whole-graph truth is what
+:func:`memsave_dispatch.saved_tensor_bytes` measures. Everything here is plain integers:
+the report never keeps a tensor alive.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["OpTally", "OpReport", "Report", "format_bytes", "render_text"]
+__all__ = ["OpTally", "Tallies", "OpReport", "Report", "format_bytes", "render_text", "short_op_name"]
 
 
 def format_bytes(count: float | None) -> str:
@@ -26,6 +27,15 @@ def format_bytes(count: float | None) -> str:
             return f"{sign}{count:.0f} {unit}" if unit == "B" else f"{sign}{count:.2f} {unit}"
         count /= 1024
     raise AssertionError("unreachable")
+
+
+def short_op_name(name: str) -> str:
+    """'convolution' for 'aten.convolution.default'; the overload stays where it is not the
+    default one ('mean.dim')."""
+    parts = name.split(".")
+    if len(parts) == 3 and parts[0] == "aten":
+        return parts[1] if parts[2] == "default" else f"{parts[1]}.{parts[2]}"
+    return name
 
 
 class OpTally:
@@ -43,9 +53,7 @@ class OpTally:
         self.encodings: Counter[str] = Counter()  # what happened to the tensors stock keeps
         self._lock = threading.Lock()
 
-    def add_handled(
-        self, stock_bytes: int | None, kept_bytes: int, traced: bool, encodings: list[str] | tuple = ()
-    ) -> None:
+    def add_handled(self, stock_bytes: int | None, kept_bytes: int, traced: bool, labels: list[str] | tuple = ()) -> None:
         with self._lock:
             if traced:
                 self.traced += 1
@@ -53,15 +61,16 @@ class OpTally:
             self.handled += 1
             self.kept_bytes += kept_bytes
             counts = self.encodings
-            for encoding in encodings:
-                counts[encoding] = counts.get(encoding, 0) + 1
+            for label in labels:
+                counts[label] = counts.get(label, 0) + 1
             if stock_bytes is None:
                 self.stock_unknown = True
             else:
                 self.stock_bytes += stock_bytes
 
     def reencode(self, old: str, new: str, kept_delta: int) -> None:
-        """A deferred encoding happened after the call was counted."""
+        """A tensor counted as ``old`` became ``new`` after the call (an encoding made once
+        the tensor was no longer shared); ``kept_delta`` bytes more are kept."""
         with self._lock:
             self.encodings[old] -= 1
             if not self.encodings[old]:
@@ -85,6 +94,28 @@ class OpTally:
                 kept_bytes=self.kept_bytes,
                 encodings=dict(self.encodings),
             )
+
+
+class Tallies:
+    """One mode's tallies, one per operator seen; safe to update from several threads."""
+
+    def __init__(self) -> None:
+        self._by_op: dict[int, OpTally] = {}  # by id(op): an OpOverload hashes in Python
+        self._lock = threading.Lock()
+
+    def of(self, op: object, family: str) -> OpTally:
+        tally = self._by_op.get(id(op))
+        if tally is None:
+            with self._lock:
+                tally = self._by_op.setdefault(id(op), OpTally(str(op), family))
+        return tally
+
+    def report(self, engine: str) -> Report:
+        return Report(tuple(tally.snapshot() for tally in list(self._by_op.values())), engine)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_op.clear()
 
 
 @dataclass(frozen=True)
@@ -120,9 +151,11 @@ class OpReport:
 
 @dataclass(frozen=True)
 class Report:
-    """The report of a MemSaveMode: one :class:`OpReport` per operator it saw."""
+    """The report of a MemSaveMode: one :class:`OpReport` per operator it saw, and which
+    engine ran the built-in handlers ("compiled" or "python")."""
 
     ops: tuple[OpReport, ...] = field(default_factory=tuple)
+    engine: str = "python"
 
     @property
     def handled(self) -> int:
@@ -145,15 +178,18 @@ class Report:
         return sum(op.saved_bytes or 0 for op in self.ops)
 
     def __getitem__(self, op: object) -> OpReport:
+        """The line of an operator: ``report[torch.ops.aten.relu.default]``,
+        ``report["aten.relu.default"]`` or ``report["relu"]``."""
         name = str(op)
         for line in self.ops:
-            if line.op == name:
+            if name in (line.op, short_op_name(line.op)):
                 return line
         raise KeyError(f"{name} was not seen; seen: {[line.op for line in self.ops]}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         return {
+            "engine": self.engine,
             "ops": [op.to_dict() for op in self.ops],
             "totals": {
                 "handled": self.handled,
@@ -165,44 +201,55 @@ class Report:
         }
 
     def table(self, title: str = "MemSaveMode: operators intercepted"):
-        """A rich Table (rich is imported only here)."""
+        """A rich renderable: a table that fits 80 columns (numbers never wrap), then what
+        the saved tensors became and why calls went to stock, one operator a line."""
+        from rich import box
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=title, title_justify="left", show_footer=True)
-        table.add_column("operator", "total", style="bold")
-        table.add_column("family")
-        table.add_column("handled", str(self.handled), justify="right")
-        table.add_column("saved tensors became")
-        table.add_column("to stock (why)", str(self.to_stock))
-        table.add_column("stock keeps", format_bytes(self.stock_bytes), justify="right")
-        table.add_column("kept", format_bytes(self.kept_bytes), justify="right")
-        table.add_column("saved", format_bytes(self.saved_bytes), justify="right", style="green")
+        table = Table(title=title, title_justify="left", show_footer=True, box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("operator", "total", style="bold", no_wrap=True)
+        for header, total in (
+            ("handled", str(self.handled)),
+            ("stock", str(self.to_stock)),
+            ("stock keeps", format_bytes(self.stock_bytes)),
+            ("kept", format_bytes(self.kept_bytes)),
+            ("saved", format_bytes(self.saved_bytes)),
+        ):
+            table.add_column(header, total, justify="right", no_wrap=True, style="green" if header == "saved" else None)
+        notes = Text()
         for op in self.ops:
-            handled = str(op.handled) + (f" (+{op.traced} traced)" if op.traced else "")
-            reasons = ", ".join(f"{n} {why}" for why, n in sorted(op.to_stock.items())) or "-"
-            became = ", ".join(f"{n} {what}" for what, n in sorted(op.encodings.items())) or "-"
+            name = short_op_name(op.op)
+            handled = str(op.handled) + (f"+{op.traced}t" if op.traced else "")
+            stocked = sum(op.to_stock.values())
             table.add_row(
-                op.op,
-                op.family,
+                name,
                 handled,
-                became,
-                reasons,
+                str(stocked),
                 format_bytes(op.stock_bytes),
                 format_bytes(op.kept_bytes),
                 format_bytes(op.saved_bytes),
             )
-        table.caption = (
-            "bytes are what each backward node holds, parameters excluded; a storage shared "
-            "by two nodes counts in both. 'traced': calls seen while torch.compile traced."
+            became = ", ".join(f"{n} {what}" for what, n in sorted(op.encodings.items()))
+            why = ", ".join(f"{n} {reason}" for reason, n in sorted(op.to_stock.items()))
+            if became or why:
+                notes.append(f"{name}: ", style="bold")
+                notes.append("; ".join(part for part in (became, why and f"to stock: {why}") if part) + "\n")
+        caption = Text(
+            "Bytes are what each backward node holds, parameters excluded; a storage shared "
+            "by two nodes counts in both. 'stock': calls left to stock PyTorch; "
+            f"'+Nt': calls traced by torch.compile. Engine: {self.engine}.",
+            style="dim",
         )
-        return table
+        return Group(table, notes, caption) if notes else Group(table, caption)
 
     def __str__(self) -> str:
         return render_text(self.table())
 
 
-def render_text(renderable: Any, width: int = 140) -> str:
-    """A rich renderable (a table) as plain text, printed nowhere."""
+def render_text(renderable: Any, width: int = 100) -> str:
+    """A rich renderable as plain text at ``width`` columns, printed nowhere."""
     from rich.console import Console
 
     console = Console(width=width, record=True, file=_NullFile())

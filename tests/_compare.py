@@ -1,38 +1,74 @@
 """Run the same computation with stock PyTorch and under MemSaveMode, and compare.
 
-Outputs and gradients must be bit-identical (compared as raw bits, so NaN payloads and the
-sign of zero count, and with the same strides). Bytes kept for backward are measured with
-saved-tensor hooks, excluding the storages of the tensors named in ``state`` (parameters,
-running statistics).
+Outputs and gradients must be bit-identical (raw bits, same strides: see
+``memsave_dispatch.exactness``). Bytes kept for backward are measured on the path users run
+(``saved_tensor_bytes`` reads the graph, no hooks), excluding the storages of the tensors
+named in ``state`` (parameters, running statistics). Each comparison also runs once more
+under saved-tensor hooks, which take another path through the mode.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from memsave_dispatch import MemSaveMode, SavedTensorMeter
+from memsave_dispatch import MemSaveMode, saved_tensor_bytes
+from memsave_dispatch.exactness import difference
 
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+__all__ = ["assert_bit_identical", "compare_with_stock", "run_once", "requires_grad_patterns", "DTYPES", "HookMeter", "Run"]
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def assert_bit_identical(actual, expected, what: str = "tensor") -> None:
-    if expected is None or actual is None:
-        assert actual is None and expected is None, f"{what}: {actual!r} vs {expected!r}"
-        return
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} vs {expected.dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} vs {expected.shape}"
-    if actual.numel() > 1:
-        assert actual.stride() == expected.stride(), f"{what}: strides {actual.stride()} vs {expected.stride()}"
-    if actual.is_floating_point():
-        bits = _BITS[actual.element_size()]
-        same = torch.equal(actual.detach().view(bits), expected.detach().view(bits))
-    else:
-        same = torch.equal(actual, expected)
-    assert same, f"{what}: values differ (max abs diff {(actual.double() - expected.double()).abs().max()})"
+    problem = difference(actual, expected)
+    assert problem is None, f"{what}: {problem}"
+
+
+class HookMeter:
+    """Counts what saved-tensor hooks see packed inside it (distinct storages still held at
+    exit, ``exclude``'s storages left out). Under MemSaveMode this is another path than the
+    plain one: the tests use it to check that the user's hooks see everything kept."""
+
+    def __init__(self, exclude: nn.Module | Iterable[Tensor] | None = None) -> None:
+        tensors = [*exclude.parameters(), *exclude.buffers()] if isinstance(exclude, nn.Module) else list(exclude or ())
+        self._exclude = {t.untyped_storage().data_ptr() for t in tensors}
+        self._packed: weakref.WeakSet = weakref.WeakSet()
+        self.bytes = 0
+
+    class _Packed:
+        __slots__ = ("tensor", "__weakref__")
+
+        def __init__(self, tensor: Tensor) -> None:
+            self.tensor = tensor
+
+    def _pack(self, tensor: Tensor) -> Any:
+        packed = self._Packed(tensor.detach())
+        self._packed.add(packed)
+        return packed
+
+    def __enter__(self) -> HookMeter:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda packed: packed.tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._hooks.__exit__(*exc_info)
+        self.measure()
+
+    def measure(self) -> int:
+        storages = {}
+        for packed in list(self._packed):
+            storage = packed.tensor.untyped_storage()
+            if storage.data_ptr() not in self._exclude:
+                storages[storage.data_ptr()] = storage.nbytes()
+        self.bytes = sum(storages.values())
+        return self.bytes
 
 
 @dataclass
@@ -63,17 +99,21 @@ def _as_tuple(outputs) -> tuple:
     return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
-def _run(fn, inputs, state: Iterable[str], upstream_seed: int, mode: MemSaveMode | None, measure: bool) -> Run:
+def run_once(
+    fn, inputs, state: Iterable[str] = (), *, mode: MemSaveMode | None, upstream_seed: int = 0, hooks: bool = False
+) -> Run:
+    """``fn(**inputs)`` on clones of the inputs, stock (``mode=None``) or under ``mode``,
+    then backward from every differentiable output with seeded upstream gradients."""
     clones = _clone(inputs)
     excluded = [clones[name] for name in state if clones.get(name) is not None]
-    meter = SavedTensorMeter(exclude=excluded) if measure else None
     context = mode if mode is not None else torch.enable_grad()
     with context:
-        if meter is not None:
-            with meter:
+        if hooks:
+            with HookMeter(exclude=excluded) as meter:
                 outputs = _as_tuple(fn(**clones))
+            saved = meter.bytes
         else:
-            outputs = _as_tuple(fn(**clones))
+            saved, outputs = saved_tensor_bytes(lambda: _as_tuple(fn(**clones)), exclude=excluded)
         differentiable = [o for o in outputs if isinstance(o, Tensor) and o.requires_grad]
         generator = torch.Generator().manual_seed(upstream_seed)
         upstream = [torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o.dtype) for o in differentiable]
@@ -84,7 +124,7 @@ def _run(fn, inputs, state: Iterable[str], upstream_seed: int, mode: MemSaveMode
         outputs=tuple(o.detach() if isinstance(o, Tensor) else o for o in outputs),
         grads=grads,
         inputs_after={name: t.detach() for name, t in clones.items() if t is not None},
-        saved_bytes=meter.bytes if meter is not None else -1,
+        saved_bytes=saved,
         report=mode.report() if mode is not None else None,
     )
 
@@ -99,13 +139,13 @@ def compare_with_stock(
 ) -> tuple[Run, Run]:
     """Run ``fn(**inputs)`` stock and under a fresh MemSaveMode (each on clones of the
     inputs); assert bit-identical outputs, gradients and in-place effects, both on the plain
-    path and with saved-tensor hooks active; return (stock, mode) measured runs."""
+    path and with saved-tensor hooks active; return the (stock, mode) plain runs, with the
+    bytes each kept for backward."""
     state = tuple(state)
-    stock = _run(fn, inputs, state, upstream_seed, None, measure=False)
-    plain = _run(fn, inputs, state, upstream_seed, mode_factory(), measure=False)
-    stock_measured = _run(fn, inputs, state, upstream_seed, None, measure=True)
-    mode_measured = _run(fn, inputs, state, upstream_seed, mode_factory(), measure=True)
-    for candidate, label in ((plain, "mode"), (mode_measured, "mode with saved-tensor hooks")):
+    stock = run_once(fn, inputs, state, mode=None, upstream_seed=upstream_seed)
+    plain = run_once(fn, inputs, state, mode=mode_factory(), upstream_seed=upstream_seed)
+    hooked = run_once(fn, inputs, state, mode=mode_factory(), upstream_seed=upstream_seed, hooks=True)
+    for candidate, label in ((plain, "mode"), (hooked, "mode with saved-tensor hooks")):
         assert len(candidate.outputs) == len(stock.outputs)
         for index, (a, b) in enumerate(zip(candidate.outputs, stock.outputs)):
             if isinstance(b, Tensor):
@@ -114,17 +154,10 @@ def compare_with_stock(
             assert_bit_identical(candidate.grads[name], stock.grads[name], f"{label}: grad of {name}")
             if name in stock.inputs_after:
                 assert_bit_identical(candidate.inputs_after[name], stock.inputs_after[name], f"{label}: {name} after")
-    mode_measured.report = plain.report
-    return stock_measured, mode_measured
+    return stock, plain
 
 
 def requires_grad_patterns(names: Iterable[str]) -> list[tuple[bool, ...]]:
     """Every non-empty combination of which of ``names`` require grad."""
     names = tuple(names)
-    patterns = []
-    for code in range(1, 2 ** len(names)):
-        patterns.append(tuple(bool(code >> i & 1) for i in range(len(names))))
-    return patterns
-
-
-DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+    return [tuple(bool(code >> i & 1) for i in range(len(names))) for code in range(1, 2 ** len(names))]

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memsave_dispatch import MemSaveMode, SavedTensorMeter, audit, track_modules
+from memsave_dispatch import MemSaveMode, audit, track_modules
+from tests._compare import HookMeter
 from memsave_dispatch._compat import SAVED_SLOTS_READABLE
 from memsave_dispatch.models import SmallConvNet, freeze, resnet18, set_batchnorm_eval, transformer_encoder
 
@@ -35,7 +36,7 @@ def test_totals_equal_the_saved_tensor_hooks_count_and_every_byte_has_a_node_typ
     model = _model(case)
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     with MemSaveMode() if use_mode else torch.enable_grad():
-        with SavedTensorMeter(exclude=model) as meter:
+        with HookMeter(exclude=model) as meter:
             metered = model(x)
         plain = model(x)
     assert meter.bytes > 0
@@ -56,7 +57,7 @@ def test_transformer_bias_only():
     x = torch.randn(2, 16, 64)
     for use_mode in (False, True):
         with MemSaveMode() if use_mode else torch.enable_grad():
-            with SavedTensorMeter(exclude=model) as meter:
+            with HookMeter(exclude=model) as meter:
                 out = model(x)
         assert audit(out, model=model).total_bytes == meter.bytes
 
@@ -100,7 +101,7 @@ def test_compiled_graphs_are_counted():
     model = SmallConvNet(width=8)
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     compiled = torch.compile(model, backend="aot_eager")
-    with SavedTensorMeter(exclude=model) as meter:
+    with HookMeter(exclude=model) as meter:
         out = compiled(x)
     result = audit(out, model=model)
     assert result.total_bytes == meter.bytes > 0

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 from memsave_dispatch import MemSaveMode
+from tests._compare import assert_bit_identical
 
 torch.manual_seed(0)
 
@@ -37,7 +38,7 @@ CASES = {
     "conv, frozen weight": (lambda x: F.conv2d(x, _frozen(W), _frozen(B), padding=1), [torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)]),
     "conv, weight only": (lambda w: F.conv2d(torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), w), [W.clone().requires_grad_(True)]),
     "conv transposed, frozen weight": (lambda x: F.conv_transpose2d(x, _frozen(W), stride=2), [torch.randn(1, 4, 3, 3, dtype=torch.float64, requires_grad=True)]),
-    "batch norm train, frozen affine": (lambda x: F.batch_norm(x, None, None, torch.full((3,), 1.5, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), training=True), [torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)]),
+    "batch norm train, bias only": (lambda b: F.batch_norm(torch.randn(4, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4)), None, None, torch.full((3,), 1.5, dtype=torch.float64), b, training=True), [torch.randn(3, dtype=torch.float64, requires_grad=True)]),
     "batch norm eval, frozen affine": (lambda x: F.batch_norm(x, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), torch.full((3,), 1.5, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), training=False), [torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)]),
     "batch norm eval, bias only": (lambda b: F.batch_norm(torch.randn(4, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), None, b, training=False), [torch.randn(3, dtype=torch.float64, requires_grad=True)]),
     "max pool 3x3/2": (lambda x: F.max_pool2d(x, 3, 2, 1), [_distinct(1, 2, 6, 6)]),
@@ -52,7 +53,7 @@ CASES = {
     "threshold": (lambda x: F.threshold(x, 0.1, 3.0), [_away_from_kinks(3, 8)]),
     "dropout": (lambda x: (torch.manual_seed(3), F.dropout(x, 0.3))[1], [torch.randn(3, 8, dtype=torch.float64, requires_grad=True)]),
     "layer norm, bias only": (lambda b: F.layer_norm(torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), (6,), None, b), [torch.randn(6, dtype=torch.float64, requires_grad=True)]),
-    "layer norm, input": (lambda x: F.layer_norm(x, (6,)), [torch.randn(3, 6, dtype=torch.float64, requires_grad=True)]),
+    "relu -> layer norm, input": (lambda x: F.layer_norm(F.relu(x * 1), (8,)), [_away_from_kinks(3, 8)]),
     "group norm, bias only": (lambda b: F.group_norm(torch.randn(2, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), 2, _frozen(B), b), [torch.randn(4, dtype=torch.float64, requires_grad=True)]),
     "linear, frozen weight": (lambda x: F.linear(F.relu(x), _frozen(W.view(4, -1)[:, :5])), [_away_from_kinks(2, 5)]),
 }
@@ -73,7 +74,7 @@ def test_gradcheck_and_gradgradcheck(name):
         assert gradcheck(fn, inputs, **check)
         assert gradgradcheck(fn, inputs, raise_exception=expected, **check) is expected
     report = mode.report()
-    assert report.handled + report.to_stock > 0
+    assert report.handled > 0  # every case reaches a handler
     assert all(set(op.to_stock) <= {"nothing to save", "grad mode off"} for op in report.ops)
 
 
@@ -94,7 +95,7 @@ def test_create_graph_matches_stock(name):
                 second = torch.zeros_like(grad)
         results.append((out.detach(), grad.detach(), second))
     for stock, mode in zip(*results):
-        assert torch.equal(stock, mode)
+        assert_bit_identical(mode, stock)
 
 
 def _functional_model(x, w):
@@ -112,7 +113,7 @@ def test_torch_func_transforms_run_stock_and_agree():
         vmapped = torch.func.vmap(lambda xi: _functional_model(xi[None], w))(x)
         jvp = torch.func.jvp(lambda xi: _functional_model(xi, w), (x,), (torch.ones_like(x),))
     for a, b in zip((*stock_grad, stock_vmap, *stock_jvp), (*grad, vmapped, *jvp)):
-        assert torch.equal(a, b)
+        assert_bit_identical(b, a)
     reasons = mode.report()["aten.convolution.default"].to_stock
     assert reasons.get("functorch transform", 0) > 0
 
@@ -130,4 +131,4 @@ def test_forward_mode_ad_with_dual_tensors():
             (grad,) = torch.autograd.grad(primal.sum(), x)
         results.append((primal.detach(), tangent, grad))
     for a, b in zip(*results):
-        assert torch.equal(a, b)
+        assert_bit_identical(b, a)

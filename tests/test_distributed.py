@@ -29,7 +29,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from memsave_dispatch import MemSaveMode, SavedTensorMeter
+from memsave_dispatch import MemSaveMode
+from tests._compare import HookMeter
 from memsave_dispatch.models import SmallConvNet, freeze
 from tests._compare import assert_bit_identical
 
@@ -141,7 +142,7 @@ def _kept_bytes(model: torch.nn.Module, rank: int, use_mode: bool) -> int:
     state = [t.to_local() if isinstance(t, DTensor) else t for t in (*model.parameters(), *model.buffers())]
     x, _ = _shard(rank, STEPS)
     with MemSaveMode() if use_mode else contextlib.nullcontext():
-        with SavedTensorMeter(exclude=state) as meter:
+        with HookMeter(exclude=state) as meter:
             out = model(x)
         out.sum().backward()
     return meter.bytes

@@ -1,5 +1,6 @@
 """Differential fuzzing: random configurations of every handled operator, compared with stock
-PyTorch bit for bit (outputs, every gradient, in-place effects) and for bytes kept.
+PyTorch bit for bit (outputs, every gradient, in-place effects) and for bytes kept; and random
+in-place changes after a handled call, where the mode must raise exactly where stock raises.
 
 CI runs the ``ci`` profile (250 examples per family, 2,250 in all, derandomised). The
 extended run:  MEMSAVE_FUZZ=extended python -m pytest tests/test_fuzz.py   (2,500 per family).
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from memsave_dispatch import MemSaveMode
-from tests._compare import _run, compare_with_stock
+from tests._compare import compare_with_stock, run_once
 
 settings.register_profile(
     "ci", max_examples=250, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
@@ -72,12 +73,12 @@ def _check(fn, inputs, state=()):
     raise the same error."""
     try:
         stock_error = None
-        _run(fn, inputs, state, 0, None, measure=False)
+        run_once(fn, inputs, state, mode=None)
     except Exception as error:  # noqa: BLE001 -- any stock failure is what we compare with
         stock_error = error
     if stock_error is not None:
         try:
-            _run(fn, inputs, state, 0, MemSaveMode(), measure=False)
+            run_once(fn, inputs, state, mode=MemSaveMode())
         except Exception as error:  # noqa: BLE001
             assert type(error) is type(stock_error) and str(error) == str(stock_error)
             return
@@ -334,4 +335,69 @@ def small_networks(draw):
 
 @given(small_networks())
 def test_small_networks(case):
+    _check(*case)
+
+
+@st.composite
+def in_place_changes(draw):
+    """A handled operator, a consumer of its output, then an in-place change to its input or
+    output (directly, through a view, through a detached alias, or under no_grad) before
+    backward: stock raises its version error or not, and the mode must do the same."""
+    operator = draw(st.sampled_from(sorted(_OPERATORS)))
+    consumer = draw(st.sampled_from(sorted(_CONSUMERS)))
+    target = draw(st.sampled_from(["input", "output"]))
+    how = draw(st.sampled_from(["direct", "view", "alias", "no_grad", "none"]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    x = _tensor(draw, (2, 3, 6, 6), dtype, layout=_layout(draw), requires_grad=True, specials=False)
+    apply, consume = _OPERATORS[operator], _CONSUMERS[consumer]
+    alive = []  # the changed tensor lives until backward (see tests/test_slots.py for one that dies)
+
+    def run(x):
+        torch.manual_seed(0)  # the same dropout noise on both sides
+        h = x * 1
+        y = apply(h)
+        z = consume(y)
+        changed = h if target == "input" else y
+        alive[:] = [changed]
+        if how == "direct":
+            changed.mul_(-1.0)
+        elif how == "view":
+            changed[0].mul_(2.0)
+        elif how == "alias":
+            changed.detach().add_(1.0)
+        elif how == "no_grad":
+            with torch.no_grad():
+                changed.add_(1.0)
+        return z
+
+    return _Named(run, f"{operator} -> {consumer}, change the {target} ({how}), {dtype}"), {"x": x}, ()
+
+
+_FROZEN = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+_OPERATORS = {
+    "relu": F.relu,
+    "relu_": lambda h: F.relu_(h * 1),
+    "leaky_relu": lambda h: F.leaky_relu(h, 0.1),
+    "hardtanh": lambda h: F.hardtanh(h, -0.5, 0.5),
+    "threshold": lambda h: F.threshold(h, 0.1, 2.0),
+    "frozen conv": lambda h: F.conv2d(h, _FROZEN.to(h.dtype), padding=1)[:, :3],
+    "max pool": lambda h: F.max_pool2d(h, 2, 1, 1),
+    "avg pool": lambda h: F.avg_pool2d(h, 3, 1, 1),
+    "batch norm eval": lambda h: F.batch_norm(h, torch.zeros(3, dtype=h.dtype), torch.ones(3, dtype=h.dtype)),
+    "layer norm": lambda h: F.layer_norm(h, (6,)),
+    "dropout": lambda h: F.dropout(h, 0.3),
+}
+
+_CONSUMERS = {
+    "none": lambda y: y,
+    "frozen conv": lambda y: F.conv2d(y, _FROZEN.to(y.dtype)),
+    "max pool": lambda y: F.max_pool2d(y, 2),
+    "mean": lambda y: y.mean((2, 3)),
+    "square": lambda y: y * y,
+}
+
+
+@given(in_place_changes())
+def test_in_place_change_after_a_handled_call(case):
     _check(*case)

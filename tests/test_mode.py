@@ -143,6 +143,36 @@ def test_bad_options_raise_clear_errors(kwargs, error):
         MemSaveMode(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(devices=()), ValueError, "devices is empty: MemSaveMode would handle nothing"),
+        (dict(devices="gpu"), ValueError, "unknown device type\\(s\\) 'gpu'"),
+        (dict(include="convolutions"), ValueError, "unknown op family 'convolutions'; families: \\["),
+    ],
+)
+def test_option_errors_say_what_to_give(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        MemSaveMode(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(include="conv"),
+        dict(include=torch.ops.aten.convolution.default),
+        dict(include=["conv"], devices="cpu"),
+        dict(include="conv", devices=(torch.device("cpu"),)),
+        dict(include="conv", devices=torch.device("cpu")),
+    ],
+    ids=["family string", "one operator", "device string", "torch.device in a tuple", "a torch.device"],
+)
+def test_one_selector_or_device_needs_no_list(kwargs):
+    mode = MemSaveMode(**kwargs)
+    assert mode.ops == {torch.ops.aten.convolution.default}
+    assert mode.devices == {"cpu"}
+
+
 def test_unverified_device_warns():
     with pytest.warns(UserWarning, match="not verified"):
         MemSaveMode(devices=["cpu", "cuda"])

@@ -6,19 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memsave_dispatch import (
+from memsave_dispatch import MemSaveMode
+from memsave_dispatch.handlers import (
     DROP,
     KEEP,
     Handler,
-    MemSaveMode,
     RegistrationError,
     Saved,
     SavingPolicy,
+    load_saved,
     register_handler,
     registered_ops,
+    save_needed,
     unregister_handler,
 )
-from memsave_dispatch.saving import load_saved, save_needed
 from tests._compare import compare_with_stock
 
 aten = torch.ops.aten
@@ -150,14 +151,14 @@ def test_handlers_missing_parts_or_with_wrong_signatures():
         class NoSaved(SavingPolicy):
             pass
 
-    with pytest.raises(RegistrationError, match="subclass of memsave_dispatch.SavingPolicy"):
+    with pytest.raises(RegistrationError, match="subclass of memsave_dispatch.handlers.SavingPolicy"):
         register_handler(aten.silu.default)(object)
 
-    with pytest.raises(RegistrationError, match="family is 'convolutions'"):
+    with pytest.raises(RegistrationError, match="family is 3; give it a non-empty name"):
 
         @register_handler(aten.silu.default)
         class BadFamily(SavingPolicy):
-            family = "convolutions"
+            family = 3
 
             @staticmethod
             def saved(args, outputs):
@@ -184,3 +185,42 @@ def test_unknown_decision_is_a_clear_error(cleanup):
     x = torch.randn(2, 3, 6, requires_grad=True)
     with MemSaveMode(), pytest.raises(TypeError, match="unknown saving decision 'drop it'"):
         F.pad(x, (1, 1), mode="reflect")
+
+
+def test_a_slot_the_node_does_not_have_is_a_clear_error_on_first_use(cleanup):
+    @register_handler(aten.reflection_pad1d.default)
+    class WrongSlot(SavingPolicy):
+        @staticmethod
+        def saved(args, outputs):
+            return {"input": Saved(args[0], DROP)}  # the node calls it "self"
+
+    cleanup.append(aten.reflection_pad1d.default)
+    x = torch.randn(2, 3, 6, requires_grad=True)
+    with MemSaveMode(), pytest.raises(AttributeError, match=r"names slot\(s\) \['input'\] that .*ReflectionPad1DBackward0 does not have; its saved slots are \['self'\]"):
+        F.pad(x, (1, 1), mode="reflect")
+
+
+def test_a_handler_for_one_mode_only(cleanup):
+    """MemSaveMode(handlers=...) adds (or replaces) handlers for that mode alone."""
+
+    class ReflectionPad(SavingPolicy):
+        family = "padding"
+
+        @staticmethod
+        def saved(args, outputs):
+            return {"self": Saved(args[0], DROP)}
+
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    with MemSaveMode(handlers={aten.reflection_pad2d.default: ReflectionPad}) as own:
+        out = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    assert own.report()["reflection_pad2d"].encodings == {"dropped": 1}
+    assert MemSaveMode(include="padding", handlers={aten.reflection_pad2d.default: ReflectionPad}).ops == {
+        aten.reflection_pad2d.default
+    }
+    with MemSaveMode() as plain:
+        F.pad(x, (1, 1, 1, 1), mode="reflect")
+    assert aten.reflection_pad2d.default not in registered_ops()
+    assert "aten.reflection_pad2d.default" not in {line.op for line in plain.report().ops}
+    out.sum().backward()
+    with pytest.raises(RegistrationError, match="not an aten operator"):
+        MemSaveMode(handlers={torch.ops.prims.add.default: ReflectionPad})

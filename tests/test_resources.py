@@ -9,7 +9,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from memsave_dispatch import MemSaveMode, audit, policy
+from memsave_dispatch import MemSaveMode, audit, slots
 from memsave_dispatch.models import SmallConvNet, freeze
 
 
@@ -40,7 +40,7 @@ def test_500_training_steps_hold_memory_flat():
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            assert not policy._deferred.by_tensor  # pending encodings die with their tensors
+            assert not slots.pending_count()  # pending encodings die with their tensors
         if step in (49, 499):
             samples[step] = (_live_tensors(), _rss_bytes())
     (tensors_early, rss_early), (tensors_late, rss_late) = samples[49], samples[499]
@@ -68,4 +68,4 @@ def test_nothing_is_kept_once_backward_frees_the_graph():
         del out
         model.zero_grad(set_to_none=True)
         assert _live_tensors() == before
-    assert not policy._deferred.by_tensor
+    assert not slots.pending_count()

@@ -9,7 +9,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from memsave_dispatch import MemSaveMode, saved_tensor_bytes
+from memsave_dispatch import MemSaveMode, saved_tensor_bytes, state
 from memsave_dispatch.models import SmallConvNet, freeze
 from tests._compare import assert_bit_identical
 
@@ -103,9 +103,7 @@ def test_entering_and_leaving_in_many_threads_is_race_free():
 
     _run_threads([churn(i) for i in range(8)])
     assert torch.compiler.config.cache_key_tag == tag_before
-    from memsave_dispatch import interposer
-
-    assert interposer.active_modes() == []
+    assert state.scopes() == []
     assert shared.report()["aten.convolution.default"].handled > 0
     # and this thread still runs stock
     out = F.conv2d(x, w)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..policy import KEEP, Encode, EncodeWhenReleased, Saved, encodings_enabled
-from ..registry import SavingPolicy, register_handler
-from ..saving import BitMaskCodec
+from ..handlers import KEEP, BitMaskCodec, Encode, EncodeWhenUnshared, Saved, SavingPolicy, encodings_enabled, register_handler
 
 aten = torch.ops.aten
 
@@ -26,26 +24,28 @@ _POSITIVE_MASK = BitMaskCodec(lambda t: t > 0, 0.0, 1.0)
 class Relu(SavingPolicy):
     """y = max(x, 0); backward is threshold_backward(grad, y, 0) = (y <= 0) ? +0 : grad.
 
-    y is usually the next layer's input too, so the bits replace it only once that layer
-    drops it (share-aware saving).
+    y is usually the next layer's input too (and may be the caller's), so the bits replace it
+    only once nothing else holds it.
     """
 
     family = "activation"
 
     @staticmethod
     def saved(args, outputs):
-        return {"result": Saved(outputs[0], EncodeWhenReleased(_RELU_MASK))}
+        return {"result": Saved(outputs[0], EncodeWhenUnshared(_RELU_MASK))}
 
 
 @register_handler(aten.leaky_relu.default)
 class LeakyRelu(SavingPolicy):
-    """backward: leaky_relu_backward(grad, x, slope) = x > 0 ? grad : grad * slope."""
+    """backward: leaky_relu_backward(grad, x, slope) = x > 0 ? grad : grad * slope.
+
+    x is the caller's tensor: its bits replace it once nothing else holds it."""
 
     family = "activation"
 
     @staticmethod
     def saved(args, outputs):
-        return {"self": Saved(args[0], Encode(_POSITIVE_MASK))}
+        return {"self": Saved(args[0], EncodeWhenUnshared(_POSITIVE_MASK))}
 
 
 @register_handler(aten.leaky_relu_.default)
@@ -56,7 +56,7 @@ class LeakyReluInplace(SavingPolicy):
 
     @staticmethod
     def saved(args, outputs):
-        return {"result": Saved(outputs[0], EncodeWhenReleased(_POSITIVE_MASK))}
+        return {"result": Saved(outputs[0], EncodeWhenUnshared(_POSITIVE_MASK))}
 
 
 @register_handler(aten.hardtanh.default, aten.hardtanh_.default)
@@ -66,8 +66,9 @@ class Hardtanh(SavingPolicy):
     The bit is the kernel's own decision, asked once with a gradient of ones (so the bounds are
     rounded exactly as the kernel rounds them). Stock's kernel decides NaN differently in its
     vectorised body and its scalar tail, and which elements fall where depends on the incoming
-    gradient's layout: a tensor holding NaN is kept as it is. In place, stock keeps a copy of
-    the input: the same handling applies.
+    gradient's layout: a tensor holding NaN is kept as it is. In place, stock keeps a private
+    copy of the input, encoded at once; out of place, the caller's input, encoded once nothing
+    else holds it.
     """
 
     family = "activation"
@@ -83,14 +84,15 @@ class Hardtanh(SavingPolicy):
             # the kernel's NaN decision depends on where the element falls in its loop, which
             # depends on the incoming gradient's layout, unknown until backward
             return {"self": Saved(input, KEEP)}
-        return {"self": Saved(input, _decision_mask(backward, input.dtype, _below(low, input.dtype), _middle(low, high, input.dtype)))}
+        zeroed, passed = _below(low, input.dtype), _middle(low, high, input.dtype)
+        return {"self": Saved(input, _decision_mask(backward, input.dtype, zeroed, passed, _encoding(args, outputs)))}
 
 
 @register_handler(aten.threshold.default, aten.threshold_.default)
 class Threshold(SavingPolicy):
     """backward: threshold_backward(grad, x, t) = (x <= t) ? 0 : grad.
 
-    In place, stock keeps a copy of the input: the same handling applies.
+    In place, stock keeps a private copy of the input: the same handling as hardtanh's.
     """
 
     family = "activation"
@@ -106,10 +108,17 @@ class Threshold(SavingPolicy):
             return {"self": Saved(input, KEEP)}
         at = torch.tensor(threshold, dtype=input.dtype)
         above = torch.nextafter(at, torch.tensor(float("inf"), dtype=input.dtype)).item()
-        return {"self": Saved(input, _decision_mask(backward, input.dtype, _below(threshold, input.dtype), above))}
+        zeroed = _below(threshold, input.dtype)
+        return {"self": Saved(input, _decision_mask(backward, input.dtype, zeroed, above, _encoding(args, outputs)))}
 
 
-def _decision_mask(backward, dtype, zeroed: float | None, passed: float | None):
+def _encoding(args, outputs) -> type:
+    """In place, the node keeps a private copy of the input: encode it at once. Out of place
+    it keeps the caller's tensor: encode it once nothing else holds it."""
+    return Encode if outputs[0] is args[0] else EncodeWhenUnshared
+
+
+def _decision_mask(backward, dtype, zeroed: float | None, passed: float | None, encoding: type):
     """Encode the per-element decision of ``backward`` (zero the gradient or pass it) as one
     bit, decoded as ``zeroed``/``passed``, once the kernel is seen to decide alike on those two
     values in its vectorised body and its tail; KEEP otherwise."""
@@ -123,7 +132,7 @@ def _decision_mask(backward, dtype, zeroed: float | None, passed: float | None):
     def passes(tensor):
         return backward(torch.ones_like(tensor), tensor) != 0
 
-    return Encode(BitMaskCodec(passes, zeroed, passed))
+    return encoding(BitMaskCodec(passes, zeroed, passed))
 
 
 def _below(value, dtype) -> float | None:

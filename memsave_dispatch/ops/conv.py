@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from torch.nn import Parameter
 
-from ..policy import DROP, KEEP, Saved
-from ..registry import SavingPolicy, register_handler
+from ..handlers import DROP, KEEP, Saved, SavingPolicy, register_handler
 
 aten = torch.ops.aten
 
@@ -37,10 +36,6 @@ class Convolution(SavingPolicy):
             "input": Saved(input, KEEP if weight.requires_grad else DROP),
             "weight": Saved(weight, DROP if _drops_weight(input, weight) else KEEP),
         }
-
-    @staticmethod
-    def released(input, weight, *_params):
-        return (input,) if not weight.requires_grad else (weight,) if _drops_weight(input, weight) else ()
 
 
 def _drops_weight(input, weight) -> bool:

@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import torch
 
-from ..policy import KEEP, Encode, Saved, encodings_enabled, its_input
-from ..registry import SavingPolicy, register_handler
-from ..saving import BitMaskCodec
+from ..handlers import (
+    KEEP,
+    BitMaskCodec,
+    Encode,
+    EncodeWhenUnshared,
+    Saved,
+    SavingPolicy,
+    encodings_enabled,
+    register_handler,
+)
 
 aten = torch.ops.aten
 
 
 def _is_nonzero(tensor):
     return tensor != 0
-
-
-def _nothing(*_args) -> tuple:
-    return ()
 
 
 def _kept_value(dtype: torch.dtype, p: float) -> float:
@@ -44,8 +47,6 @@ class Dropout(SavingPolicy):
     def can_save(input, p, train):
         return bool(train) and 0 < p < 1  # otherwise stock returns x itself or multiplies by 0
 
-    stock_keeps = staticmethod(_nothing)  # (x itself, or x * 0: nothing of x is kept)
-
     @staticmethod
     def saved(args, outputs):
         input, p = args[0], args[1]
@@ -55,16 +56,18 @@ class Dropout(SavingPolicy):
         codec = BitMaskCodec(_is_nonzero, 0.0, _kept_value(noise.dtype, p))
         return {"other": Saved(noise, Encode(codec))}
 
-    released = staticmethod(its_input)  # the product keeps only the noise
-
 
 def _as_bool(tensor):
     return tensor.clone()
 
 
+_BOOL_MASK = BitMaskCodec(_as_bool, False, True)
+
+
 @register_handler(aten.native_dropout.default)
 class NativeDropout(SavingPolicy):
-    """The fused kernel (CUDA, and CPU when called directly): stock keeps a bool mask."""
+    """The fused kernel (CUDA, and CPU when called directly): stock keeps a bool mask, which
+    the caller may hold too (``torch.native_dropout`` returns it): encoded once unshared."""
 
     family = "dropout"
 
@@ -72,10 +75,8 @@ class NativeDropout(SavingPolicy):
     def can_save(input, p, train):
         return bool(train) and 0 < p < 1
 
-    stock_keeps = staticmethod(_nothing)
-
     @staticmethod
     def saved(args, outputs):
-        return {"result1": Saved(outputs[1], Encode(BitMaskCodec(_as_bool, False, True)))}
-
-    released = staticmethod(its_input)
+        if not encodings_enabled():
+            return {"result1": Saved(outputs[1], KEEP)}
+        return {"result1": Saved(outputs[1], EncodeWhenUnshared(_BOOL_MASK))}

@@ -1,16 +1,15 @@
 """Matrix products that ``nn.Linear`` reaches: ``addmm`` (with bias) and ``mm`` (without).
 
 Stock autograd already saves per requested gradient here (grad_mat1 needs mat2, grad_mat2
-needs mat1): these keep stock's node untouched. When the weight is frozen, the input is not
-kept, which lets a deferred encoding of it (a ReLU output) happen.
+needs mat1): these keep stock's node untouched, and are handled so that the report counts
+them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..policy import KEEP, Saved
-from ..registry import SavingPolicy, register_handler
+from ..handlers import KEEP, Saved, SavingPolicy, register_handler
 
 aten = torch.ops.aten
 
@@ -30,15 +29,11 @@ class Addmm(SavingPolicy):
 
     @staticmethod
     def can_save(bias, mat1, mat2, *_scalars):
-        return not mat2.requires_grad  # mat1 is then released to whoever deferred encoding it
+        return not mat2.requires_grad  # otherwise stock keeps mat1, which grad_mat2 needs
 
     @staticmethod
     def saved(args, outputs):
         return _product_operands(args[1], args[2])
-
-    @staticmethod
-    def released(bias, mat1, mat2, *_scalars):
-        return (mat1,)
 
 
 @register_handler(aten.mm.default)
@@ -55,7 +50,3 @@ class Mm(SavingPolicy):
     def saved(args, outputs):
         operands = _product_operands(args[0], args[1])
         return {"self": operands["mat1"], "mat2": operands["mat2"]}
-
-    @staticmethod
-    def released(self, mat2):
-        return (self,)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..policy import DROP, KEEP, Saved
-from ..registry import SavingPolicy, register_handler
+from ..handlers import DROP, KEEP, Saved, SavingPolicy, register_handler
 
 aten = torch.ops.aten
 
@@ -45,10 +44,6 @@ class NativeBatchNorm(SavingPolicy):
             "result2": Saved(outputs[2], keep_input),  # batch inverse std
         }
 
-    @staticmethod
-    def released(input, weight, _bias, _running_mean, _running_var, training, *_):
-        return () if _needs_input(input, weight, training) else (input,)
-
 
 def _needs_input(input, weight, training) -> bool:
     return (weight is not None and weight.requires_grad) or (training and input.requires_grad)
@@ -56,11 +51,6 @@ def _needs_input(input, weight, training) -> bool:
 
 def _affine_or_input_needs_grad(input, weight) -> bool:
     return input.requires_grad or (weight is not None and weight.requires_grad)
-
-
-def _input_unless_needed(input, weight) -> tuple:
-    """Layer and group norm release their input when neither it nor the weight trains."""
-    return () if _affine_or_input_needs_grad(input, weight) else (input,)
 
 
 def _input_and_statistics(input, weight, outputs) -> dict:
@@ -94,10 +84,6 @@ class NativeLayerNorm(SavingPolicy):
         input, _shape, weight, bias = args[:4]
         return {**_input_and_statistics(input, weight, outputs), "bias": Saved(bias, KEEP)}
 
-    @staticmethod
-    def released(input, normalized_shape, weight, *_rest):
-        return _input_unless_needed(input, weight)
-
 
 @register_handler(aten.native_group_norm.default)
 class NativeGroupNorm(SavingPolicy):
@@ -113,6 +99,3 @@ class NativeGroupNorm(SavingPolicy):
     def saved(args, outputs):
         return _input_and_statistics(args[0], args[1], outputs)
 
-    @staticmethod
-    def released(input, weight, *_rest):
-        return _input_unless_needed(input, weight)

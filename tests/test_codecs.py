@@ -1,12 +1,12 @@
-"""The shared bit-mask helpers: packing and every way of unpacking give back the mask exactly."""
+"""Codecs and bit packing: packing and every way of unpacking give back the mask exactly."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from memsave_dispatch import saving
-from memsave_dispatch.saving import BitMask, BitMaskCodec
+from memsave_dispatch import codecs
+from memsave_dispatch.codecs import BitMask, BitMaskCodec
 
 SHAPES = [(1,), (7,), (8,), (9,), (3, 5), (2, 3, 4, 5), (2, 8, 3, 3)]
 
@@ -35,16 +35,16 @@ def test_bytes_and_table_lookup_agree(shape):
     bits, layout = BitMask.pack(mask.clone())
     as_bytes = layout.bytes(bits)
     assert torch.equal(as_bytes, mask.to(torch.uint8))
-    table = saving.two_value_table(torch.float32, -2.5, 7.0)
+    table = codecs.two_value_table(torch.float32, -2.5, 7.0)
     expected = torch.where(mask, torch.tensor(7.0), torch.tensor(-2.5))
     assert torch.equal(layout.lookup(bits, table), expected)
 
 
 def test_fast_and_portable_packing_agree():
     every_byte = torch.arange(256).to(torch.uint8)
-    words = saving._byte_patterns().view(torch.int64).view(-1)
-    assert torch.equal(saving._gather_bits_by_shifts(words), every_byte)
-    assert torch.equal(saving._gather_bits_by_multiply(words.clone()), every_byte)
+    words = codecs.byte_patterns().view(torch.int64).view(-1)
+    assert torch.equal(codecs.gather_bits_by_shifts(words), every_byte)
+    assert torch.equal(codecs.gather_bits_by_multiply(words.clone()), every_byte)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -69,17 +69,3 @@ def test_bool_codec_decodes_the_mask_and_leaves_it_alone(decide):
     kept, meta = codec.encode(mask)
     assert torch.equal(mask, original)  # (a bool tensor's .bool() is the tensor itself)
     assert torch.equal(codec.decode(kept, meta), mask)
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_ghost_has_the_layout_reads_zero_and_is_shared_per_layout(channels_last, dtype):
-    tensor = torch.randn(2, 3, 5, 7, dtype=dtype)
-    if channels_last:
-        tensor = tensor.contiguous(memory_format=torch.channels_last)
-    layout = saving.TensorLayout.of(tensor)
-    ghost = saving.ghost_like(layout)
-    assert ghost.shape == tensor.shape and ghost.stride() == tensor.stride() and ghost.dtype == dtype
-    assert ghost.data_ptr() % 64 == tensor.data_ptr() % 64  # same alignment phase as the original
-    assert not ghost.any()
-    assert saving.ghost_like(saving.TensorLayout.of(tensor.clone())) is ghost  # one per layout

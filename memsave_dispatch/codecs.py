@@ -1,24 +1,18 @@
-"""Building blocks for handlers: keep-or-ghost saving and 1-bit masks.
+"""Codecs: compact, exact stand-ins for saved tensors, and the bit packing they share.
 
-Backward kernels often take a tensor only for its shape, strides and dtype (the input of a
-pooling layer, the input of a convolution when only the input gradient is wanted). A handler
-drops such a tensor in forward and hands backward a *ghost*: a tensor with the very same
-sizes, strides, dtype and alignment whose memory is never allocated.
+A codec encodes a tensor when its node would keep it and decodes, in backward, a tensor that
+the stock backward kernel reads exactly as it would read the original: the gradients stay
+stock's bit for bit.
 
-Why not a zero-stride ``torch.empty(()).expand(shape)``: measured on CPU, kernels take a
-different path for it (channels_last gradients come back contiguous, batch-norm reductions
-change order and bits) and several copy it to a full-size buffer (``convolution_backward``
-calls ``input.contiguous()``). A ghost with the original strides takes the stock path, and on
-CPU it views a private anonymous mapping that is only ever read, so every page is the
-kernel's shared zero page: no physical memory, no allocator traffic.
+- :class:`BitMaskCodec`: one yes/no decision per element (ReLU's ``y <= 0``, dropout's noise),
+  one bit each.
+- :class:`WindowOffsetCodec`: max pooling's argmax indices as offsets inside their pooling
+  window, one byte or two bits each.
 """
 
 from __future__ import annotations
 
 import math
-import mmap
-import operator
-import threading
 import sys
 from collections.abc import Callable
 from typing import NamedTuple
@@ -27,121 +21,15 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "TensorLayout",
-    "BitMask",
     "Codec",
+    "BitMask",
     "BitMaskCodec",
     "two_value_table",
-    "save_needed",
-    "load_saved",
-    "ghost_like",
+    "PoolingWindows",
+    "WindowOffsetCodec",
+    "regular_windows",
+    "adaptive_windows",
 ]
-
-_ALIGNMENT = 64  # bytes; CPU allocations are 64-byte aligned, ghosts keep the same phase
-
-
-class _ZeroPages:
-    """One growing anonymous mapping, only ever read, shared by all CPU ghosts."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._nbytes = 0
-        self._views: dict[torch.dtype, Tensor] = {}
-
-    def view(self, dtype: torch.dtype, nbytes: int) -> Tensor:
-        """A 1-d ``dtype`` view of at least ``nbytes`` zero bytes."""
-        if nbytes > self._nbytes:
-            self._grow(nbytes)
-        view = self._views.get(dtype)
-        if view is None:
-            view = self._views.setdefault(dtype, self._views[torch.uint8].view(dtype))
-        return view
-
-    def _grow(self, nbytes: int) -> None:
-        with self._lock:
-            if nbytes <= self._nbytes:
-                return
-            size = max(1 << 20, 1 << (nbytes - 1).bit_length())
-            pages = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            # Older regions live on while ghosts still view them.
-            self._views = {torch.uint8: torch.frombuffer(pages, dtype=torch.uint8)}
-            self._nbytes = size
-
-
-_zero_pages = _ZeroPages()
-
-
-class TensorLayout(NamedTuple):
-    """Everything a backward kernel may read from a tensor except its values."""
-
-    shape: torch.Size
-    stride: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
-    phase: int  # data pointer modulo the allocator alignment, in elements; -1: no data
-
-    @classmethod
-    def of(cls, tensor: Tensor) -> TensorLayout:
-        dtype = tensor.dtype
-        kind = tensor.__class__
-        if kind is Tensor or kind is torch.nn.Parameter:
-            phase = (tensor.data_ptr() % _ALIGNMENT) // dtype.itemsize
-        else:  # tracing tensors (functional, fake) have no address
-            phase = -1
-        return cls(tensor.shape, tensor.stride(), dtype, tensor.device, phase)
-
-    def ghost(self) -> Tensor:
-        return ghost_like(self)
-
-
-def ghost_like(layout: TensorLayout) -> Tensor:
-    """A tensor laid out exactly as ``layout`` whose values are zeros it never allocated.
-
-    Only for reading: backward kernels use it for sizes, strides and dispatch decisions.
-    Off CPU (and under tracing) a zero-stride expand stands in; those backends are not
-    verified bit-exact yet.
-    """
-    if layout.phase < 0 or layout.device.type != "cpu":
-        return torch.empty((), dtype=layout.dtype, device=layout.device).expand(layout.shape)
-    # Ghosts are never written and autograd wraps what an unpack hook returns in a variable of
-    # its own, so one ghost per layout serves every node (a backward pass asks for the same few
-    # layouts again and again, and each fresh view costs tens of microseconds there).
-    ghost = _ghosts.get(layout)
-    if ghost is None:
-        # elements spanned: 1 + sum((n - 1) * step), as two C-level sums
-        extent = 0 if 0 in layout.shape else 1 + sum(map(operator.mul, layout.shape, layout.stride)) - sum(layout.stride)
-        nbytes = (layout.phase + extent) * layout.dtype.itemsize + _ALIGNMENT
-        zeros = _zero_pages.view(layout.dtype, nbytes)
-        ghost = zeros.as_strided(layout.shape, layout.stride, layout.phase)
-        if len(_ghosts) >= _MAX_GHOSTS:
-            _ghosts.clear()
-        _ghosts[layout] = ghost
-    return ghost
-
-
-_MAX_GHOSTS = 1024
-_ghosts: dict[TensorLayout, Tensor] = {}
-
-
-def save_needed(ctx, *candidates: tuple[Tensor | None, bool]) -> None:
-    """Save each tensor whose flag is true; remember only the layout of the others.
-
-    Everything kept goes through ``ctx.save_for_backward`` so that saved-tensor hooks,
-    ``save_on_cpu`` and in-place version checks see it.
-    """
-    ctx.save_for_backward(*(tensor if keep else None for tensor, keep in candidates))
-    ctx.ghost_layouts = tuple(
-        TensorLayout.of(tensor) if tensor is not None and not keep else None
-        for tensor, keep in candidates
-    )
-
-
-def load_saved(ctx) -> tuple[Tensor | None, ...]:
-    """The tensors given to :func:`save_needed`, with ghosts for the ones it dropped."""
-    return tuple(
-        layout.ghost() if layout is not None else tensor
-        for tensor, layout in zip(ctx.saved_tensors, ctx.ghost_layouts)
-    )
 
 
 class BitMask(NamedTuple):
@@ -183,7 +71,7 @@ class BitMask(NamedTuple):
         return self.lookup(bits, _BIT_VALUES[torch.uint8])
 
 
-def _gather_bits_by_shifts(words: Tensor) -> Tensor:
+def gather_bits_by_shifts(words: Tensor) -> Tensor:
     """uint8 per int64 word of eight 0/1 bytes: byte j's bit becomes bit j."""
     gathered = words >> 7
     gathered |= words
@@ -192,29 +80,29 @@ def _gather_bits_by_shifts(words: Tensor) -> Tensor:
     return gathered.to(torch.uint8)
 
 
-def _gather_bits_by_multiply(words: Tensor) -> Tensor:
+def gather_bits_by_multiply(words: Tensor) -> Tensor:
     """Same in fewer passes: one multiply lines the eight bits up in the top byte, shifted
     down and kept. In place (``words`` is scratch). Relies on int64 products wrapping around
     and on the byte order; both are checked once at import."""
     return words.mul_(0x0102040810204080).bitwise_right_shift_(56).to(torch.uint8)
 
 
-def _byte_patterns() -> Tensor:
+def byte_patterns() -> Tensor:
     """256 x 8 uint8: entry [byte, j] is bit j of ``byte``."""
     return torch.tensor([[(byte >> j) & 1 for j in range(8)] for byte in range(256)], dtype=torch.uint8)
 
 
 def _pick_gather() -> Callable[[Tensor], Tensor]:
     every_byte = torch.arange(256).to(torch.uint8)
-    words = _byte_patterns().view(torch.int64).view(-1)
-    if sys.byteorder == "little" and torch.equal(_gather_bits_by_multiply(words), every_byte):
-        return _gather_bits_by_multiply
-    return _gather_bits_by_shifts
+    words = byte_patterns().view(torch.int64).view(-1)
+    if sys.byteorder == "little" and torch.equal(gather_bits_by_multiply(words), every_byte):
+        return gather_bits_by_multiply
+    return gather_bits_by_shifts
 
 
 def _bit_values(dtype: torch.dtype) -> Tensor:
     """256 x 8 table: entry [byte, j] is 1 if bit j of ``byte`` is set, else 0, in ``dtype``."""
-    return _byte_patterns().to(dtype)
+    return byte_patterns().to(dtype)
 
 
 # Built at import: a table first built while torch.compile traces would be a fake tensor.
@@ -292,3 +180,92 @@ def _table_key(dtype: torch.dtype, low: float, high: float) -> tuple:
 # Built at import for the common pairs: a table first built while torch.compile traces would be
 # a fake tensor (encodings are not made while tracing, so the others are safe to build lazily).
 _TWO_VALUE_TABLES: dict[tuple, Tensor] = {_table_key(dtype, 0.0, 1.0): table for dtype, table in _BIT_VALUES.items()}
+
+
+# -- max pooling: argmax indices as window offsets -----------------------------------------
+class PoolingWindows:
+    """Where each pooling window starts, and which flat-index steps stay inside a window.
+
+    ``origin[o]``: flat index (into one input plane) of output ``o``'s window corner, negative
+    under padding. ``deltas[k]``: the flat-index step to the window's k-th position. An argmax
+    index is ``origin + deltas[offset]``; ``offset_of`` maps a step back to its offset.
+    """
+
+    def __init__(self, origin: Tensor, deltas: Tensor) -> None:
+        self.origin = origin
+        self.deltas = deltas
+        low, high = int(deltas.min()), int(deltas.max())
+        self.low = low
+        offset_of = torch.full((high - low + 1,), 255, dtype=torch.uint8)
+        offset_of[deltas - low] = torch.arange(len(deltas), dtype=torch.uint8)
+        self.offset_of = offset_of
+        self.origin_shifted = origin + low
+
+
+def _plane_strides(sizes: list[int]) -> list[int]:
+    strides, step = [], 1
+    for size in reversed(sizes):
+        strides.append(step)
+        step *= size
+    return strides[::-1]
+
+
+def regular_windows(in_sizes, out_sizes, kernel, stride, padding, dilation) -> PoolingWindows | None:
+    plane = _plane_strides(in_sizes)
+    origin = torch.zeros((), dtype=torch.int64)
+    for dim, (out, step, pad, flat) in enumerate(zip(out_sizes, stride, padding, plane)):
+        corner = torch.arange(out, dtype=torch.int64) * step - pad
+        origin = origin.unsqueeze(-1) + corner * flat
+    deltas = torch.zeros((), dtype=torch.int64)
+    for size, dil, flat in zip(kernel, dilation, plane):
+        deltas = (deltas.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * dil * flat).flatten()
+    return PoolingWindows(origin, deltas) if len(torch.unique(deltas)) == len(deltas) <= 255 else None
+
+
+def adaptive_windows(in_sizes, out_sizes) -> PoolingWindows | None:
+    plane = _plane_strides(in_sizes)
+    origin = torch.zeros((), dtype=torch.int64)
+    deltas = torch.zeros((), dtype=torch.int64)
+    for size_in, size_out, flat in zip(in_sizes, out_sizes, plane):
+        starts = [(i * size_in) // size_out for i in range(size_out)]
+        widest = max(-(-((i + 1) * size_in) // size_out) - start for i, start in enumerate(starts))
+        origin = origin.unsqueeze(-1) + torch.tensor(starts, dtype=torch.int64) * flat
+        deltas = (deltas.unsqueeze(-1) + torch.arange(widest, dtype=torch.int64) * flat).flatten()
+    return PoolingWindows(origin, deltas) if len(deltas) <= 255 else None
+
+
+class WindowOffsetCodec(Codec):
+    """Argmax indices of max pooling as offsets inside each pooling window.
+
+    Exact by construction: an index is the window corner plus one of the window's steps, so
+    the offset (the step's rank) and the corner rebuild it. Offsets take a byte each, or two
+    bits (two 1-bit planes) when the window has at most four positions (2x2 pooling): four
+    times smaller for a few more byte-sized passes.
+    """
+
+    def __init__(self, windows: PoolingWindows) -> None:
+        self.windows = windows
+        self.two_bits = len(windows.deltas) <= 4
+        self.name = "2-bit window offsets" if self.two_bits else "uint8 window offsets"
+
+    def encode(self, indices: Tensor) -> tuple[tuple[Tensor, ...], object]:
+        windows = self.windows
+        steps = indices - windows.origin_shifted  # fresh and dense: flat in memory order
+        numel = steps.numel()
+        offsets = torch.index_select(windows.offset_of, 0, steps.as_strided((numel,), (1,)))
+        layout = (steps.shape, steps.stride())
+        if not self.two_bits:
+            return (offsets,), layout
+        low, low_mask = BitMask.pack((offsets & 1).view(torch.bool))
+        high, _ = BitMask.pack((offsets >> 1).view(torch.bool))
+        return (low, high), (layout, low_mask)
+
+    def decode(self, kept: tuple[Tensor, ...], meta: object) -> Tensor:
+        if self.two_bits:
+            (shape, stride), mask = meta
+            low, high = (mask.bytes(bits) for bits in kept)
+            offsets = low.bitwise_or_(high.bitwise_left_shift_(1))
+        else:
+            (shape, stride), offsets = meta, kept[0]
+        steps = torch.index_select(self.windows.deltas, 0, offsets.to(torch.int32))
+        return steps.as_strided(shape, stride).add_(self.windows.origin)

@@ -1,0 +1,59 @@
+"""Everything a custom handler needs, in one place.
+
+A handler tells MemSaveMode what an aten operator's backward node keeps. A
+:class:`SavingPolicy` keeps stock's formula and decides per saved tensor: ``KEEP``, ``DROP``
+(backward reads a ghost: same layout, no memory), ``Encode(codec)`` or
+``EncodeWhenUnshared(codec)`` (an exact compact stand-in, made at once or once nothing else
+holds the tensor). A :class:`Handler` replaces the formula with your own autograd Function.
+
+    import torch
+    from memsave_dispatch.handlers import DROP, Saved, SavingPolicy, register_handler
+
+    @register_handler(torch.ops.aten.reflection_pad2d.default)
+    class ReflectionPad(SavingPolicy):
+        @staticmethod
+        def saved(args, outputs):  # backward reads the input only for its shape
+            return {"self": Saved(args[0], DROP)}
+
+Register globally with :func:`register_handler`, or for one mode only with
+``MemSaveMode(handlers={op: ReflectionPad})``.
+"""
+
+from __future__ import annotations
+
+from .authoring import (
+    Handler,
+    OutputsToCaller,
+    SavingPolicy,
+    caller_keeps_outputs,
+    encodings_enabled,
+    load_saved,
+    save_needed,
+)
+from .codecs import BitMask, BitMaskCodec, Codec, two_value_table
+from .decisions import DROP, KEEP, Decision, Encode, EncodeWhenUnshared, Saved
+from .registry import RegistrationError, register_handler, registered_ops, unregister_handler
+
+__all__ = [
+    "SavingPolicy",
+    "Handler",
+    "Saved",
+    "Decision",
+    "KEEP",
+    "DROP",
+    "Encode",
+    "EncodeWhenUnshared",
+    "Codec",
+    "BitMaskCodec",
+    "BitMask",
+    "two_value_table",
+    "save_needed",
+    "load_saved",
+    "encodings_enabled",
+    "OutputsToCaller",
+    "caller_keeps_outputs",
+    "register_handler",
+    "unregister_handler",
+    "registered_ops",
+    "RegistrationError",
+]
