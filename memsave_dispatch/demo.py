@@ -19,13 +19,42 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from torch import nn
 
 from .measure import saved_tensor_bytes
 from .mode import MemSaveMode
-from .models import SmallConvNet, freeze, set_batchnorm_eval
 from .report import format_bytes
 
-__all__ = ["run_demo", "main"]
+__all__ = ["SmallConvNet", "run_demo", "main"]
+
+
+class SmallConvNet(nn.Module):
+    """The demo's network: two conv-BN-ReLU-maxpool stages and a linear head.
+
+    ``prompt_size``: add a learnable input prompt of that spatial size (visual prompt
+    tuning), so that training it sends gradients through a frozen backbone.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 32, prompt_size: int | None = None):
+        super().__init__()
+        self.prompt = None if prompt_size is None else nn.Parameter(torch.zeros(1, 3, prompt_size, prompt_size))
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d((4, 4)),
+        )
+        self.head = nn.Linear(2 * width * 16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prompt is not None:
+            x = x + self.prompt
+        return self.head(torch.flatten(self.features(x), 1))
 
 
 def _bit_identical(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -43,9 +72,11 @@ def run_demo(steps: int = 5, batch: int = 32, size: int = 32, bn_train: bool = F
     console = console or Console()
     torch.manual_seed(0)
     stock_model = SmallConvNet(prompt_size=size)
-    freeze(stock_model.features)  # frozen backbone; the input prompt and the head train
+    stock_model.features.requires_grad_(False)  # frozen backbone; the input prompt and the head train
     if not bn_train:
-        set_batchnorm_eval(stock_model)
+        for module in stock_model.features:
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()  # running statistics
     mode_model = copy.deepcopy(stock_model)
     generator = torch.Generator().manual_seed(1)
     batches = [
