@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from . import interposer
 from .measure import saved_tensor_bytes
 from .mode import MemSaveMode
-from .models import add_lora, mobilenet_v2, resnet18, set_batchnorm_eval, transformer_encoder, vgg11_bn
+from tools.bench.models import add_lora, mobilenet_v2, resnet18, set_batchnorm_eval, transformer_encoder, vgg11_bn
 from .report import format_bytes
 
 __all__ = [

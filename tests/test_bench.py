@@ -26,7 +26,7 @@ from memsave_dispatch.bench import (
     tables,
     write_png,
 )
-from memsave_dispatch.models import LoRA, SmallConvNet, add_lora, resnet18, transformer_encoder
+from tools.bench.models import LoRA, SmallConvNet, add_lora, resnet18, transformer_encoder
 
 TINY = ModelSpec("small", lambda: SmallConvNet(width=8))
 CONFIG = BenchConfig(batch=2, size=16, pairs=2, compile_backend="none", warmup=1)

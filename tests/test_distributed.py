@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from memsave_dispatch import MemSaveMode, SavedTensorMeter
-from memsave_dispatch.models import SmallConvNet, freeze
+from tools.bench.models import SmallConvNet, freeze
 from tests._compare import assert_bit_identical
 
 pytestmark = pytest.mark.skipif(

@@ -33,7 +33,7 @@ from rich.table import Table
 
 from memsave_dispatch import MemSaveMode, saved_tensor_bytes
 from memsave_dispatch.bench import interleaved_times, median_ratio, minor_page_faults, running, time_step
-from memsave_dispatch.models import freeze, resnet18, set_batchnorm_eval
+from tools.bench.models import freeze, resnet18, set_batchnorm_eval
 from memsave_dispatch.report import format_bytes
 
 CASES: dict[str, Callable[[torch.nn.Module], None]] = {

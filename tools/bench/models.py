@@ -1,5 +1,6 @@
 """Reference networks with the layer layout of well-known models, defined here so that the
-demo, the tests and the benchmarks need no torchvision.
+tests and the benchmark need no torchvision (``SmallConvNet`` is the demo's network, from
+:mod:`memsave_dispatch.demo`).
 
 ``resnet18`` follows torchvision's ResNet-18 exactly (stem conv7x7-BN-ReLU(inplace)-maxpool,
 BasicBlocks with residual adds and in-place ReLUs, global average pool, fc).
@@ -12,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .demo import SmallConvNet
+from memsave_dispatch.demo import SmallConvNet
 
 __all__ = [
     "BasicBlock",
