@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 
 import torch
 from rich.console import Console
@@ -129,16 +128,10 @@ def run_demo(steps: int = 5, batch: int = 32, size: int = 32, bn_train: bool = F
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:
-        from .bench import main as bench_main
-
-        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m memsave_dispatch",
         description="Prompt-tune a small conv-BN-ReLU-pool network with a frozen backbone, stock and "
         "under MemSaveMode, and compare the memory kept for backward and the gradients.",
-        epilog="`python -m memsave_dispatch bench --help`: the benchmark over models and fine-tuning cases.",
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)

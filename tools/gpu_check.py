@@ -10,7 +10,7 @@ Each line reports whether forward outputs and gradients are bit-identical (``tor
 how many calls the mode handled (CUDA batch norm reaches ``cudnn_batch_norm``, which has no
 handler yet: it runs stock and says so) and the bytes kept against stock.
 
-Part 2 is ``memsave_dispatch.bench`` on ``cuda`` (peak from ``torch.cuda.max_memory_allocated``).
+Part 2 is the benchmark, ``tools.bench``, on ``cuda`` (peak from ``torch.cuda.max_memory_allocated``).
 
 Exit status 1 if any handled configuration differs from stock or keeps more than stock.
 """
@@ -26,12 +26,19 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memsave_dispatch import MemSaveMode, SavedTensorMeter
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for tools.bench
+
+from memsave_dispatch import MemSaveMode, SavedTensorMeter  # noqa: E402
+from tools.bench.cases import CASES  # noqa: E402
+from tools.bench.cli import parse_args  # noqa: E402
+from tools.bench.render import tables, write_png  # noqa: E402
+from tools.bench.runner import BenchConfig, run_bench  # noqa: E402
 
 # Deterministic kernels: stock against itself must repeat bit for bit, or no comparison means anything.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -216,23 +223,21 @@ def main(argv: list[str] | None = None) -> int:
     out = {"device": name, "torch": torch.__version__, "matrix": [asdict(r) for r in results]}
 
     if not args.skip_bench:
-        from memsave_dispatch import bench
-
         argv_bench = ["--device", device.type, "--models", "resnet18", "transformer_encoder", "--batch", str(args.batch),
                       "--size", str(args.size), "--pairs", "9", "--compile", args.compile, "--cases", *args.cases]
-        config = bench.parse_args(argv_bench)
-        results_bench = bench.run_bench(
-            config.specs, [bench.CASES[key] for key in config.cases],
-            bench.BenchConfig(batch=config.batch, size=config.size, pairs=config.pairs,
-                              compile_backend=config.compile, device=device.type),
+        config = parse_args(argv_bench)
+        results_bench = run_bench(
+            config.specs, [CASES[key] for key in config.cases],
+            BenchConfig(batch=config.batch, size=config.size, pairs=config.pairs,
+                        compile_backend=config.compile, device=device.type),
         )
         from rich.console import Console
 
-        for table in bench.tables(results_bench):
+        for table in tables(results_bench):
             Console().print(table)
         out["bench"] = results_bench
         if args.png:
-            bench.write_png(results_bench, args.png)
+            write_png(results_bench, args.png)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(out, handle, indent=2)
