@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models import add_lora, freeze, mobilenet_v2, resnet18, set_batchnorm_eval, transformer_encoder, vgg11_bn
+from .models import (
+    add_lora,
+    freeze,
+    mobilenet_v2,
+    resnet18,
+    set_batchnorm_eval,
+    transformer_encoder,
+    vgg11_bn,
+)
 
 NUM_CLASSES = 10
 SEED = 0

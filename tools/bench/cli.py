@@ -130,7 +130,9 @@ def step_main(argv: list[str] | None = None) -> list[dict]:
     """Run the step-time comparison; returns its results."""
     from rich.console import Console
 
-    parser = argparse.ArgumentParser(prog="python -m tools.bench step", description=step.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.bench step", description=step.__doc__.splitlines()[0]
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--pairs", type=int, default=41, help="interleaved stock/mode step pairs per case")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+
 def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     """Peak of (bytes allocated - bytes allocated when ``fn`` started) while ``fn`` runs, on
     PyTorch's CPU allocator.

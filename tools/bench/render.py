@@ -12,6 +12,7 @@ from memsave_dispatch.report import format_bytes
 from .measure import COMPILE_REL_TOL
 from .runner import COLUMNS
 
+
 def _ratio(value: float | None, reference: float | None) -> str:
     return f" ({value / reference:.2f}x)" if value is not None and reference else ""
 

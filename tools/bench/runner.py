@@ -31,6 +31,7 @@ from .measure import (
     time_step,
 )
 
+
 # -- columns -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Column:

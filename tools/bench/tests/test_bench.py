@@ -14,7 +14,13 @@ from memsave_dispatch import MemSaveMode, saved_tensor_bytes
 from tools.bench.cases import CASES, ModelSpec, model_spec
 from tools.bench.cli import main
 from tools.bench.compile_backend import inductor_partition_backend
-from tools.bench.measure import COMPILE_REL_TOL, compare_gradients, cpu_peak_bytes, interleaved_times, median_ratio
+from tools.bench.measure import (
+    COMPILE_REL_TOL,
+    compare_gradients,
+    cpu_peak_bytes,
+    interleaved_times,
+    median_ratio,
+)
 from tools.bench.models import LoRA, SmallConvNet, add_lora, resnet18, transformer_encoder
 from tools.bench.render import tables, write_png
 from tools.bench.runner import BenchConfig, bench_case, run_bench
