@@ -87,4 +87,5 @@ def compile_settings(backend: str) -> Iterator[None]:
 
 
 def compile_model(model: nn.Module, backend: str) -> Callable[[Tensor], Tensor]:
+    """``torch.compile(model)`` for a compile column: ``backend`` is one of COMPILE_BACKENDS but none."""
     return torch.compile(model, backend=inductor_partition_backend if backend == "partition" else backend)
