@@ -13,39 +13,59 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 
 import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from torch import nn
 
-from .measure import saved_tensor_bytes
+from .exactness import bit_identical
+from .meter import saved_tensor_bytes
 from .mode import MemSaveMode
-from .models import SmallConvNet, freeze, set_batchnorm_eval
 from .report import format_bytes
 
-__all__ = ["run_demo", "main"]
+__all__ = ["SmallConvNet", "run_demo", "main"]
 
 
-def _bit_identical(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if not a.is_floating_point():
-        return torch.equal(a, b)
-    as_bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return torch.equal(a.view(as_bits), b.view(as_bits))  # NaN payloads and -0.0 count
+class SmallConvNet(nn.Module):
+    """The demo's network: two conv-BN-ReLU-maxpool stages and a linear head.
+
+    ``prompt_size``: add a learnable input prompt of that spatial size (visual prompt
+    tuning), so that training it sends gradients through a frozen backbone.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 32, prompt_size: int | None = None):
+        super().__init__()
+        self.prompt = None if prompt_size is None else nn.Parameter(torch.zeros(1, 3, prompt_size, prompt_size))
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d((4, 4)),
+        )
+        self.head = nn.Linear(2 * width * 16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prompt is not None:
+            x = x + self.prompt
+        return self.head(torch.flatten(self.features(x), 1))
 
 
 def run_demo(steps: int = 5, batch: int = 32, size: int = 32, bn_train: bool = False, console: Console | None = None) -> dict:
     console = console or Console()
     torch.manual_seed(0)
     stock_model = SmallConvNet(prompt_size=size)
-    freeze(stock_model.features)  # frozen backbone; the input prompt and the head train
+    stock_model.features.requires_grad_(False)  # frozen backbone; the input prompt and the head train
     if not bn_train:
-        set_batchnorm_eval(stock_model)
+        for module in stock_model.features:
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()  # running statistics
     mode_model = copy.deepcopy(stock_model)
     generator = torch.Generator().manual_seed(1)
     batches = [
@@ -68,10 +88,10 @@ def run_demo(steps: int = 5, batch: int = 32, size: int = 32, bn_train: bool = F
                 progress.advance(task)
 
     exact = all(
-        _bit_identical(a, b)
+        bit_identical(a, b)
         for step_a, step_b in zip(gradients["stock"], gradients["mode"])
         for a, b in zip(step_a, step_b)
-    ) and all(_bit_identical(a, b) for a, b in zip(stock_model.state_dict().values(), mode_model.state_dict().values()))
+    ) and all(bit_identical(a, b) for a, b in zip(stock_model.state_dict().values(), mode_model.state_dict().values()))
 
     x = batches[0][0]
     stock_bytes, _ = saved_tensor_bytes(lambda: stock_model(x), exclude=stock_model)
@@ -98,16 +118,10 @@ def run_demo(steps: int = 5, batch: int = 32, size: int = 32, bn_train: bool = F
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:
-        from .bench import main as bench_main
-
-        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m memsave_dispatch",
         description="Prompt-tune a small conv-BN-ReLU-pool network with a frozen backbone, stock and "
         "under MemSaveMode, and compare the memory kept for backward and the gradients.",
-        epilog="`python -m memsave_dispatch bench --help`: the benchmark over models and fine-tuning cases.",
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)

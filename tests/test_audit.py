@@ -12,7 +12,7 @@ from torch import nn
 from memsave_dispatch import MemSaveMode, audit, track_modules
 from tests._compare import HookMeter
 from memsave_dispatch._compat import SAVED_SLOTS_READABLE
-from memsave_dispatch.models import SmallConvNet, freeze, resnet18, set_batchnorm_eval, transformer_encoder
+from tools.bench.models import SmallConvNet, freeze, resnet18, set_batchnorm_eval, transformer_encoder
 
 CASES = {
     "resnet18 frozen, BN eval": (lambda: resnet18(num_classes=10), lambda m: (freeze(m), set_batchnorm_eval(m))),

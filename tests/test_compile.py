@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memsave_dispatch import MemSaveMode
-from memsave_dispatch.models import SmallConvNet, freeze
+from tools.bench.models import SmallConvNet, freeze
 
 
 def _compiled_graph_bytes(out) -> int:

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from memsave_dispatch import MemSaveMode, audit
 from memsave_dispatch._compat import SAVED_SLOTS_READABLE
-from memsave_dispatch.models import SmallConvNet, freeze
+from tools.bench.models import SmallConvNet, freeze
 from tests._compare import assert_bit_identical
 
 

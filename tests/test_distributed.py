@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from memsave_dispatch import MemSaveMode
 from tests._compare import HookMeter
-from memsave_dispatch.models import SmallConvNet, freeze
+from tools.bench.models import SmallConvNet, freeze
 from tests._compare import assert_bit_identical
 
 pytestmark = pytest.mark.skipif(

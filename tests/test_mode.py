@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memsave_dispatch import MemSaveMode, saved_tensor_bytes
-from memsave_dispatch.models import SmallConvNet, freeze
+from tools.bench.models import SmallConvNet, freeze
 
 
 def _frozen_net():

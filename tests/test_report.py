@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 
 from memsave_dispatch import MemSaveMode, saved_tensor_bytes
-from memsave_dispatch.models import SmallConvNet, freeze
+from tools.bench.models import SmallConvNet, freeze
 from memsave_dispatch.report import format_bytes
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from memsave_dispatch import MemSaveMode, audit, slots
-from memsave_dispatch.models import SmallConvNet, freeze
+from tools.bench.models import SmallConvNet, freeze
 
 
 def _live_tensors() -> int:

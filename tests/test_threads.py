@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from memsave_dispatch import MemSaveMode, saved_tensor_bytes, state
-from memsave_dispatch.models import SmallConvNet, freeze
+from tools.bench.models import SmallConvNet, freeze
 from tests._compare import assert_bit_identical
 
 

@@ -10,7 +10,7 @@ Each line reports whether forward outputs and gradients are bit-identical (``tor
 how many calls the mode handled (CUDA batch norm reaches ``cudnn_batch_norm``, which has no
 handler yet: it runs stock and says so) and the bytes kept against stock.
 
-Part 2 is ``memsave_dispatch.bench`` on ``cuda`` (peak from ``torch.cuda.max_memory_allocated``).
+Part 2 is the benchmark, ``tools.bench``, on ``cuda`` (peak from ``torch.cuda.max_memory_allocated``).
 
 Exit status 1 if any handled configuration differs from stock or keeps more than stock.
 """
@@ -26,12 +26,20 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memsave_dispatch import MemSaveMode, SavedTensorMeter
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for tools.bench
+
+from memsave_dispatch import MemSaveMode, saved_tensor_bytes  # noqa: E402
+from memsave_dispatch.exactness import bit_identical  # noqa: E402
+from tools.bench.cases import CASES  # noqa: E402
+from tools.bench.cli import parse_args  # noqa: E402
+from tools.bench.render import tables, write_png  # noqa: E402
+from tools.bench.runner import BenchConfig, run_bench  # noqa: E402
 
 # Deterministic kernels: stock against itself must repeat bit for bit, or no comparison means anything.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -62,20 +70,18 @@ def _run(fn: Callable[..., Tensor], inputs: dict[str, Tensor], mode: MemSaveMode
     for name, tensor in inputs.items():
         copy = tensor.detach().clone().requires_grad_(tensor.requires_grad)
         clones[name] = copy
-    meter = SavedTensorMeter()
     torch.manual_seed(seed)
     context = mode if mode is not None else torch.enable_grad()
     with context:
-        with meter:
-            output = fn(**clones)
+        kept, output = saved_tensor_bytes(lambda: fn(**clones))
         upstream = torch.randn(output.shape, generator=torch.Generator(output.device).manual_seed(seed), device=output.device, dtype=output.dtype)
         leaves = [t for t in clones.values() if t.requires_grad]
         grads = torch.autograd.grad(output, leaves, upstream) if leaves else ()
-    return output.detach(), grads, meter.bytes
+    return output.detach(), grads, kept
 
 
 def _equal(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b)
+    return all(bit_identical(x, y) for x, y in zip(a, b)) and len(a) == len(b)
 
 
 def check(family: str, config: str, fn, inputs: dict[str, Tensor]) -> CheckResult:
@@ -91,9 +97,9 @@ def check(family: str, config: str, fn, inputs: dict[str, Tensor]) -> CheckResul
         return CheckResult(
             family,
             config,
-            outputs_equal=torch.equal(out_stock, out_mode),
+            outputs_equal=bit_identical(out_stock, out_mode),
             grads_equal=_equal(grads_stock, grads_mode),
-            stock_repeatable=torch.equal(out_stock, out_again) and _equal(grads_stock, grads_again),
+            stock_repeatable=bit_identical(out_stock, out_again) and _equal(grads_stock, grads_again),
             handled=handled,
             stock_bytes=bytes_stock,
             mode_bytes=bytes_mode,
@@ -216,23 +222,21 @@ def main(argv: list[str] | None = None) -> int:
     out = {"device": name, "torch": torch.__version__, "matrix": [asdict(r) for r in results]}
 
     if not args.skip_bench:
-        from memsave_dispatch import bench
-
         argv_bench = ["--device", device.type, "--models", "resnet18", "transformer_encoder", "--batch", str(args.batch),
                       "--size", str(args.size), "--pairs", "9", "--compile", args.compile, "--cases", *args.cases]
-        config = bench.parse_args(argv_bench)
-        results_bench = bench.run_bench(
-            config.specs, [bench.CASES[key] for key in config.cases],
-            bench.BenchConfig(batch=config.batch, size=config.size, pairs=config.pairs,
-                              compile_backend=config.compile, device=device.type),
+        config = parse_args(argv_bench)
+        results_bench = run_bench(
+            config.specs, [CASES[key] for key in config.cases],
+            BenchConfig(batch=config.batch, size=config.size, pairs=config.pairs,
+                        compile_backend=config.compile, device=device.type),
         )
         from rich.console import Console
 
-        for table in bench.tables(results_bench):
+        for table in tables(results_bench):
             Console().print(table)
         out["bench"] = results_bench
         if args.png:
-            bench.write_png(results_bench, args.png)
+            write_png(results_bench, args.png)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(out, handle, indent=2)

@@ -11,22 +11,19 @@ import torch
 from torch import nn
 
 from memsave_dispatch import MemSaveMode, saved_tensor_bytes
-from memsave_dispatch.bench import (
-    CASES,
-    BenchConfig,
-    ModelSpec,
-    bench_case,
-    cpu_peak_bytes,
-    inductor_partition_backend,
+from tools.bench.cases import CASES, ModelSpec, model_spec
+from tools.bench.cli import main
+from tools.bench.compile_backend import inductor_partition_backend
+from memsave_dispatch.meter import allocator_bytes
+from tools.bench.measure import (
+    COMPILE_REL_TOL,
+    compare_gradients,
     interleaved_times,
-    main,
     median_ratio,
-    model_spec,
-    run_bench,
-    tables,
-    write_png,
 )
-from memsave_dispatch.models import LoRA, SmallConvNet, add_lora, resnet18, transformer_encoder
+from tools.bench.models import LoRA, SmallConvNet, add_lora, resnet18, transformer_encoder
+from tools.bench.render import tables, write_png
+from tools.bench.runner import BenchConfig, bench_case, run_bench
 
 TINY = ModelSpec("small", lambda: SmallConvNet(width=8))
 CONFIG = BenchConfig(batch=2, size=16, pairs=2, compile_backend="none", warmup=1)
@@ -69,9 +66,9 @@ def test_cpu_peak_counts_allocations_in_time_order():
         c = torch.empty(MiB // 2, dtype=torch.uint8)
         del b, c
 
-    assert cpu_peak_bytes(allocate) == 3 * MiB
+    assert _cpu_peak(allocate) == 3 * MiB
     kept = torch.empty(4 * MiB, dtype=torch.uint8)
-    assert cpu_peak_bytes(lambda: kept.zero_()) == 0  # memory alive before the step is the baseline
+    assert _cpu_peak(lambda: kept.zero_()) == 0  # memory alive before the step is the baseline
 
 
 def test_a_known_extra_buffer_raises_the_step_peak_by_its_size():
@@ -88,9 +85,9 @@ def test_a_known_extra_buffer_raises_the_step_peak_by_its_size():
         del buffer
 
     step()  # momentum buffers
-    plain = cpu_peak_bytes(step)
-    extra = cpu_peak_bytes(lambda: step(8 * MiB))
-    assert plain == cpu_peak_bytes(step)  # deterministic
+    plain = _cpu_peak(step)
+    extra = _cpu_peak(lambda: step(8 * MiB))
+    assert plain == _cpu_peak(step)  # deterministic
     assert extra - plain == 8 * MiB
     kept, _ = saved_tensor_bytes(lambda: model(x).sum(), exclude=model)
     assert plain >= kept
@@ -189,14 +186,15 @@ def test_results_render_and_serialise(tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
-def test_cli_dispatch_from_the_demo_entry_point(monkeypatch):
-    import memsave_dispatch.bench as bench
-    from memsave_dispatch.demo import main as entry_point
+def test_one_entry_point_runs_the_benchmark_or_the_step_comparison(monkeypatch):
+    from tools.bench import cli
 
     seen = []
-    monkeypatch.setattr(bench, "main", lambda argv: seen.append(argv) or 0)
-    assert entry_point(["bench", "--quick"]) == 0
-    assert seen == [["--quick"]]
+    monkeypatch.setattr(cli, "bench_main", lambda argv: seen.append(("bench", argv)) or 0)
+    monkeypatch.setattr(cli, "step_main", lambda argv: seen.append(("step", argv)) or [])
+    assert cli.main(["--quick"]) == 0
+    assert cli.main(["step", "--pairs", "3"]) == 0
+    assert seen == [("bench", ["--quick"]), ("step", ["--pairs", "3"])]
 
 
 @pytest.mark.slow
@@ -221,8 +219,6 @@ def test_partition_backend_keeps_what_inductor_keeps(tmp_path, monkeypatch):
 
 
 def test_gradient_comparison_is_exact_for_the_mode_and_relative_for_compile():
-    from memsave_dispatch.bench import COMPILE_REL_TOL, compare_gradients
-
     reference = [torch.ones(4), None]
     nudged = [torch.ones(4).nextafter(torch.full((4,), 2.0)), None]
     assert compare_gradients([torch.ones(4), None], reference) == ("bit-identical", 0.0)
@@ -231,3 +227,7 @@ def test_gradient_comparison_is_exact_for_the_mode_and_relative_for_compile():
     assert compare_gradients(nudged, reference)[0] == "within tol"
     assert compare_gradients([torch.ones(4) * (1 + 10 * COMPILE_REL_TOL), None], reference)[0] == "DIFFERS"
     assert compare_gradients([torch.ones(4), torch.ones(1)], reference) == ("DIFFERS", None)
+
+
+def _cpu_peak(fn) -> int:
+    return allocator_bytes(fn).peak

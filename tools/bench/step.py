@@ -1,7 +1,7 @@
 """Step time of a training step under MemSaveMode against stock PyTorch, same process.
 
-    python tools/bench_step.py                 # ResNet-18-shaped net, batch 8, 3x128x128
-    python tools/bench_step.py --pairs 81 --json step.json
+    python -m tools.bench step                 # ResNet-18-shaped net, batch 8, 3x128x128
+    python -m tools.bench step --pairs 81 --json step.json
 
 Stock and mode steps are interleaved (ABBA order, so drift and caches hit both alike) and
 the figure is the median of the per-pair ratios mode/stock. Stock steps run with the
@@ -16,37 +16,30 @@ by several percent. The mode's own cost, with faults out of the picture, is meas
 memory in the process:
 
     GLIBC_TUNABLES=glibc.malloc.trim_threshold=4294967296:glibc.malloc.mmap_threshold=4294967295 \
-        python tools/bench_step.py
+        python -m tools.bench step
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 from memsave_dispatch import MemSaveMode, saved_tensor_bytes
-from memsave_dispatch.bench import interleaved_times, median_ratio, minor_page_faults, running, time_step
-from memsave_dispatch.models import freeze, resnet18, set_batchnorm_eval
-from memsave_dispatch.report import format_bytes
 
-CASES: dict[str, Callable[[torch.nn.Module], None]] = {
-    "frozen conv/BN, BN eval": lambda m: (freeze(m), set_batchnorm_eval(m)),
-    "frozen conv/BN, BN train": freeze,
-    "all trainable": lambda m: None,
-}
+from .cases import STEP_CASES
+from .measure import compare_gradients, interleaved_times, median_ratio, minor_page_faults, time_step
+from .models import resnet18
+from .runner import running
 
 
 def _build(case: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = resnet18(num_classes=10)
-    CASES[case](model)
+    STEP_CASES[case](model)
     return model
 
 
@@ -95,7 +88,7 @@ def run_case(case: str, batch: int, size: int, pairs: int, progress=None, task=N
     stock_grads = _gradients(reference, x, y)
     with MemSaveMode():
         mode_grads = _gradients(candidate, x, y)
-    exact = all(torch.equal(a, b) for a, b in zip(stock_grads, mode_grads))
+    exact = compare_gradients(mode_grads, stock_grads, rel_tol=0.0)[0] == "bit-identical"  # torch.equal, each
     stock_bytes, _ = saved_tensor_bytes(lambda: reference(x), exclude=reference)
     with MemSaveMode():
         mode_bytes, _ = saved_tensor_bytes(lambda: candidate(x), exclude=candidate)
@@ -130,56 +123,11 @@ def run_case(case: str, batch: int, size: int, pairs: int, progress=None, task=N
     }
 
 
-def _faults(result: dict) -> str:
-    stock, mode = result["stock_page_faults_per_step"], result["mode_page_faults_per_step"]
-    return "n/a" if stock is None else f"{stock:.0f}, {mode:.0f}"
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--pairs", type=int, default=41, help="interleaved stock/mode step pairs per case")
-    parser.add_argument("--case", choices=list(CASES), action="append", help="default: all cases")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cases = args.case or list(CASES)
-    console = Console()
+def run_step(cases: Sequence[str], batch: int, size: int, pairs: int, console: Any = None) -> list[dict]:
+    """Every case in turn, with a progress bar over all their interleaved pairs."""
     results = []
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("interleaved steps", total=args.pairs * len(cases))
+        task = progress.add_task("interleaved steps", total=pairs * len(cases))
         for case in cases:
-            results.append(run_case(case, args.batch, args.size, args.pairs, progress, task))
-    table = Table(
-        title=f"ResNet-18-shaped net, batch {args.batch}, 3x{args.size}x{args.size}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-        title_justify="left",
-    )
-    columns = ("case", "stock ms", "mode ms", "median ratio (IQR)", "kept stock", "kept mode", "bytes ratio", "grads exact", "page faults/step stock, mode")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "case" else "right")
-    for r in results:
-        q1, _, q3 = r["ratio_quartiles"]
-        table.add_row(
-            r["case"],
-            f"{r['stock_ms']:.1f}",
-            f"{r['mode_ms']:.1f}",
-            f"{r['median_ratio']:.3f} ({q1:.3f}-{q3:.3f})",
-            format_bytes(r["stock_bytes"]),
-            format_bytes(r["mode_bytes"]),
-            f"{r['bytes_ratio']:.3f}",
-            "yes" if r["gradients_bit_identical"] else "NO",
-            _faults(r),
-        )
-    console.print(table)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+            results.append(run_case(case, batch, size, pairs, progress, task))
     return results
-
-
-if __name__ == "__main__":
-    main()

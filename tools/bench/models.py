@@ -1,5 +1,6 @@
 """Reference networks with the layer layout of well-known models, defined here so that the
-demo, the tests and the benchmarks need no torchvision.
+tests and the benchmark need no torchvision (``SmallConvNet`` is the demo's network, from
+:mod:`memsave_dispatch.demo`).
 
 ``resnet18`` follows torchvision's ResNet-18 exactly (stem conv7x7-BN-ReLU(inplace)-maxpool,
 BasicBlocks with residual adds and in-place ReLUs, global average pool, fc).
@@ -11,6 +12,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from memsave_dispatch.demo import SmallConvNet
 
 __all__ = [
     "BasicBlock",
@@ -184,35 +187,6 @@ def transformer_encoder(activation: str = "relu", d_model: int = 256, heads: int
         d_model=d_model, nhead=heads, dim_feedforward=feed_forward, dropout=0.1, batch_first=True, activation=activation
     )
     return nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
-
-
-class SmallConvNet(nn.Module):
-    """The demo's network: two conv-BN-ReLU-maxpool stages and a linear head.
-
-    ``prompt_size``: add a learnable input prompt of that spatial size (visual prompt
-    tuning), so that training it sends gradients through a frozen backbone.
-    """
-
-    def __init__(self, num_classes: int = 10, width: int = 32, prompt_size: int | None = None):
-        super().__init__()
-        self.prompt = None if prompt_size is None else nn.Parameter(torch.zeros(1, 3, prompt_size, prompt_size))
-        self.features = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(2 * width),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d((4, 4)),
-        )
-        self.head = nn.Linear(2 * width * 16, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.prompt is not None:
-            x = x + self.prompt
-        return self.head(torch.flatten(self.features(x), 1))
 
 
 def freeze(modules: Iterable[nn.Module] | nn.Module, *, types: tuple[type, ...] = (nn.Conv2d, nn.BatchNorm2d)) -> None:

@@ -1,0 +1,178 @@
+"""The benchmark's output: one rich table per model with a caption saying what the figures
+mean, the matplotlib bar chart of bytes kept and peaks, and the step-time comparison's table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from memsave_dispatch.report import format_bytes
+
+from .measure import COMPILE_REL_TOL
+from .runner import COLUMNS
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    return f" ({value / reference:.2f}x)" if value is not None and reference else ""
+
+
+def format_cell(cell: dict[str, Any], baseline: dict[str, Any] | None) -> str:
+    """The compact text of one table cell: bytes kept, peak, time, exactness."""
+    if cell.get("error"):
+        return f"[red]error[/red]: {cell['error'][:60]}"
+    lines = []
+    reference = baseline or {}
+    if cell["kept_bytes"] is not None:
+        lines.append(f"kept {format_bytes(cell['kept_bytes'])}{_ratio(cell['kept_bytes'], reference.get('kept_bytes'))}")
+    if cell["peak_bytes"] is not None:
+        lines.append(f"peak {format_bytes(cell['peak_bytes'])}{_ratio(cell['peak_bytes'], reference.get('peak_bytes'))}")
+    if baseline is None and cell["step_ms"] is not None:
+        lines.append(f"time {cell['step_ms']:.0f} ms")
+    elif cell["time_ratio"] is not None:
+        lines.append(f"time {cell['time_ratio']:.2f}x")
+    if cell["exact"] == "within tol":
+        lines.append(f"within tol ({cell['max_rel_diff']:.0e})")
+    elif cell["exact"] is not None:
+        lines.append(cell["exact"] if cell["exact"] != "DIFFERS" else f"[red]DIFFERS[/red] (rel. error {cell['max_rel_diff']:.1e})")
+    if cell.get("graph_breaks"):
+        lines.append(f"{cell['graphs']} graphs, {cell['graph_breaks']} graph breaks")
+    return "\n".join(lines) or "-"
+
+
+def tables(results: dict[str, Any]) -> list[Any]:
+    """One rich table per model: rows are cases, columns the four ways to run the step."""
+    from rich.table import Table
+
+    config = results["config"]
+    compile_label = config["compile_label"]
+    out = []
+    for model, rows in _rows_by_model(results).items():
+        shape = "x".join(map(str, rows[0]["input_shape"]))
+        compiled_with = f", {compile_label}" if compile_label else ""
+        table = Table(
+            title=f"{model}, input {shape}, {config['threads']} threads, torch {config['torch']}, "
+            f"{config['device']}{compiled_with}",
+            caption=caption(config),
+            caption_justify="left",
+            title_justify="left",
+            show_lines=True,
+        )
+        table.add_column("case")
+        present = [c for c in COLUMNS if any(c.key in row["columns"] for row in rows)]
+        for column in present:
+            table.add_column(column.label)
+        for row in rows:
+            cells = row["columns"]
+            table.add_row(
+                row["case_label"],
+                *(format_cell(cells[c.key], cells.get(c.baseline)) if c.key in cells else "-" for c in present),
+            )
+        out.append(table)
+    return out
+
+
+def caption(config: dict[str, Any]) -> str:
+    """What the figures mean and how they were measured."""
+    text = (
+        f"kept: bytes kept for backward after the forward pass (model state excluded). "
+        f"peak: max allocation above the step's start over forward + backward + optimizer step "
+        f"({config['peak_method']}). time: median of per-round step-time ratios over "
+        f"{config['pairs']} interleaved rounds (stock eager: median step time). Ratios and "
+        f"exactness: MemSaveMode columns against the same execution without the mode, "
+        f"torch.compile against stock eager; gradients compared with torch.equal "
+        f"(bit-identical; eager MemSaveMode must be) or, for torch.compile, a relative L2 error of "
+        f"at most {COMPILE_REL_TOL:g} over all gradients (within tol)."
+    )
+    if config["compile_backend"] == "partition":
+        text += (
+            " torch.compile columns: Inductor's graph capture, decompositions and partitioner "
+            "with the graphs run by eager kernels (same tensors kept as real Inductor, including "
+            "its channels-last copies of saved conv weights); no peak or time."
+        )
+    elif config["compile_backend"] == "inductor":
+        text += " Inductor on CPU keeps channels-last copies of the conv weights it saves: they count in kept."
+    if config["compile_backend"] != "none":
+        text += " Compiled random operators use PyTorch's generator (fallback_random), as eager does."
+    return text
+
+
+def _rows_by_model(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for row in results["rows"]:
+        by_model.setdefault(row["model"], []).append(row)
+    return by_model
+
+
+def write_png(results: dict[str, Any], path: str) -> None:
+    """Grouped bars per model x case: bytes kept (left) and peak (right), one bar per column."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit(MATPLOTLIB_MISSING) from None
+
+    by_model = _rows_by_model(results)
+    figure, axes = plt.subplots(len(by_model), 2, figsize=(15, 4 * len(by_model)), squeeze=False)
+    width = 0.8 / len(COLUMNS)
+    figures = (("kept_bytes", "bytes kept for backward"), ("peak_bytes", "peak over a training step"))
+    for axes_row, (model, rows) in zip(axes, by_model.items()):
+        for axis, (key, title) in zip(axes_row, figures):
+            for index, column in enumerate(COLUMNS):
+                offset = (index - (len(COLUMNS) - 1) / 2) * width
+                bars = [
+                    (position + offset, row["columns"][column.key][key] / 2**20)
+                    for position, row in enumerate(rows)
+                    if row["columns"].get(column.key, {}).get(key) is not None
+                ]
+                if bars:
+                    axis.bar(*zip(*bars), width, label=column.label, color=f"C{index}")
+            axis.set_xticks(range(len(rows)))
+            axis.set_xticklabels([row["case_label"] for row in rows], rotation=30, ha="right")
+            axis.set_ylabel("MiB")
+            axis.set_title(f"{model}: {title}")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="upper center", ncol=len(COLUMNS))
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (4 * len(by_model))))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+MATPLOTLIB_MISSING = "--png needs matplotlib: pip install 'memsave-dispatch[bench]' (or pip install matplotlib)"
+
+
+# -- the step-time comparison ------------------------------------------------------------------
+def _faults(result: dict) -> str:
+    stock, mode = result["stock_page_faults_per_step"], result["mode_page_faults_per_step"]
+    return "n/a" if stock is None else f"{stock:.0f}, {mode:.0f}"
+
+
+def step_table(results: list[dict], batch: int, size: int) -> Any:
+    """One row per case: step times, their median ratio and quartiles, bytes kept, exactness,
+    page faults per step."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"ResNet-18-shaped net, batch {batch}, 3x{size}x{size}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        title_justify="left",
+    )
+    columns = ("case", "stock ms", "mode ms", "median ratio (IQR)", "kept stock", "kept mode", "bytes ratio", "grads exact", "page faults/step stock, mode")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "case" else "right")
+    for r in results:
+        q1, _, q3 = r["ratio_quartiles"]
+        table.add_row(
+            r["case"],
+            f"{r['stock_ms']:.1f}",
+            f"{r['mode_ms']:.1f}",
+            f"{r['median_ratio']:.3f} ({q1:.3f}-{q3:.3f})",
+            format_bytes(r["stock_bytes"]),
+            format_bytes(r["mode_bytes"]),
+            f"{r['bytes_ratio']:.3f}",
+            "yes" if r["gradients_bit_identical"] else "NO",
+            _faults(r),
+        )
+    return table
