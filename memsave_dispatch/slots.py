@@ -312,12 +312,13 @@ def _baseline_references() -> tuple[int, int]:
         tensor = torch.ones(2, requires_grad=True).relu()  # stock: the kernels are not ours yet
     node = tensor.grad_fn
     alias = tensor.detach()
-    _with_slot = weakref.ref(tensor, lambda _: counts.append(storage_references(alias)))
+    with_slot = weakref.ref(tensor, lambda _: counts.append(storage_references(alias)))
     del tensor
     lone = torch.ones(2)
     lone_alias = lone.detach()
-    _alone = weakref.ref(lone, lambda _: counts.append(storage_references(lone_alias)))
+    alone = weakref.ref(lone, lambda _: counts.append(storage_references(lone_alias)))
     del lone, node
+    assert with_slot() is None and alone() is None
     return counts[0], counts[1]
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memsave_dispatch import MemSaveMode, audit, track_modules
-from tests._compare import HookMeter
+from tests.support import HookMeter
 from memsave_dispatch._compat import SAVED_SLOTS_READABLE
 from tools.bench.models import SmallConvNet, freeze, resnet18, set_batchnorm_eval, transformer_encoder
 

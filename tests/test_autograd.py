@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 from memsave_dispatch import MemSaveMode
-from tests._compare import assert_bit_identical
+from tests.support import assert_bit_identical
 
 torch.manual_seed(0)
 

@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.testing._internal.two_tensor import TwoTensor
 
 from memsave_dispatch import MemSaveMode
-from tests._compare import assert_bit_identical
+from tests.support import assert_bit_identical
 
 W = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0))
 

@@ -15,15 +15,8 @@ from torch.utils.checkpoint import checkpoint
 
 from memsave_dispatch import MemSaveMode, audit
 from memsave_dispatch._compat import SAVED_SLOTS_READABLE
-from tools.bench.models import SmallConvNet, freeze
-from tests._compare import assert_bit_identical
-
-
-def _prompt_tuned(seed=0):
-    torch.manual_seed(seed)
-    model = SmallConvNet(width=8, prompt_size=16)
-    freeze(model)
-    return model
+from tools.bench.models import freeze
+from tests.support import assert_bit_identical, frozen_small_net
 
 
 def _gradients(model, x):
@@ -38,7 +31,7 @@ def _gradients(model, x):
 # -- autocast ---------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_gradients_match_stock_autocast_and_cast_ops_are_counted(dtype):
-    model = _prompt_tuned()
+    model = frozen_small_net(width=8, prompt_size=16)
     x = torch.randn(4, 3, 16, 16)
     results = []
     for use_mode in (False, True):
@@ -130,7 +123,7 @@ def _recording_hooks(seen: weakref.WeakSet):
 
 
 def test_user_hooks_see_every_tensor_the_handlers_keep():
-    model = _prompt_tuned()
+    model = frozen_small_net(width=8, prompt_size=16)
     x = torch.randn(4, 3, 16, 16)
     seen: weakref.WeakSet = weakref.WeakSet()
     with MemSaveMode():
@@ -158,7 +151,7 @@ def test_user_hooks_see_every_tensor_the_handlers_keep():
 def test_save_on_cpu_matches_stock(pin_memory):
     if pin_memory and not torch.cuda.is_available():
         pytest.skip("pinned memory needs an accelerator")
-    model = _prompt_tuned()
+    model = frozen_small_net(width=8, prompt_size=16)
     x = torch.randn(4, 3, 16, 16)
     results = []
     for use_mode in (False, True):
@@ -173,7 +166,7 @@ def test_save_on_cpu_matches_stock(pin_memory):
 
 def test_hooks_entered_inside_a_handled_region_and_nested_modes():
     """Hooks pushed between two nested modes and popped before backward still unpack."""
-    model = _prompt_tuned()
+    model = frozen_small_net(width=8, prompt_size=16)
     x = torch.randn(2, 3, 16, 16)
     seen: weakref.WeakSet = weakref.WeakSet()
     with MemSaveMode():

@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 
 from memsave_dispatch import MemSaveMode
-from tests._compare import HookMeter
+from tests.support import HookMeter
 from tools.bench.models import SmallConvNet, freeze
-from tests._compare import assert_bit_identical
+from tests.support import assert_bit_identical
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch built without gloo distributed support"

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from memsave_dispatch import MemSaveMode
-from tests._compare import compare_with_stock, run_once
+from tests.support import compare_with_stock, run_once
 
 settings.register_profile(
     "ci", max_examples=250, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)

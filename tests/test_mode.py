@@ -10,14 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from memsave_dispatch import MemSaveMode, saved_tensor_bytes
-from tools.bench.models import SmallConvNet, freeze
-
-
-def _frozen_net():
-    torch.manual_seed(0)
-    net = SmallConvNet()
-    freeze(net)
-    return net
 
 
 def _graph_signature(fn):
@@ -34,8 +26,8 @@ def _graph_signature(fn):
     return sorted(types), saved
 
 
-def test_graph_types_are_stock_inside_the_mode_too():
-    net = _frozen_net()
+def test_graph_types_are_stock_inside_the_mode_too(frozen_net):
+    net = frozen_net
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     stock_types, stock_bytes = _graph_signature(lambda: net(x))
     with MemSaveMode():
@@ -45,8 +37,8 @@ def test_graph_types_are_stock_inside_the_mode_too():
 
 
 @pytest.mark.parametrize("exit_by", ("normal", "exception"))
-def test_after_exit_behaviour_is_stock(exit_by):
-    net = _frozen_net()
+def test_after_exit_behaviour_is_stock(exit_by, frozen_net):
+    net = frozen_net
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     before = _graph_signature(lambda: net(x))
     if exit_by == "normal":
@@ -60,8 +52,8 @@ def test_after_exit_behaviour_is_stock(exit_by):
     assert _graph_signature(lambda: net(x)) == before
 
 
-def test_other_threads_run_stock_while_one_is_inside():
-    net = _frozen_net()
+def test_other_threads_run_stock_while_one_is_inside(frozen_net):
+    net = frozen_net
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     stock = _graph_signature(lambda: net(x))
     inside, outside = threading.Event(), threading.Event()
@@ -87,8 +79,8 @@ def test_other_threads_run_stock_while_one_is_inside():
     assert results["mode"][1] < stock[1]
 
 
-def test_nested_and_reentered_modes():
-    net = _frozen_net()
+def test_nested_and_reentered_modes(frozen_net):
+    net = frozen_net
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     outer, inner = MemSaveMode(), MemSaveMode(exclude=["conv"])
     with outer:
@@ -103,8 +95,8 @@ def test_nested_and_reentered_modes():
     assert outer.report().handled > 0 and inner.report().handled > 0
 
 
-def test_reusable_across_steps_and_report_accumulates():
-    net = _frozen_net()
+def test_reusable_across_steps_and_report_accumulates(frozen_net):
+    net = frozen_net
     mode = MemSaveMode()
     for step in range(3):
         x = torch.randn(2, 3, 16, 16, requires_grad=True)
@@ -115,8 +107,8 @@ def test_reusable_across_steps_and_report_accumulates():
     assert mode.report().ops == ()
 
 
-def test_include_and_exclude_select_ops():
-    net = _frozen_net()
+def test_include_and_exclude_select_ops(frozen_net):
+    net = frozen_net
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     with MemSaveMode(include=["conv"]) as only_conv:
         net(x)

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from memsave_dispatch import MemSaveMode
 from memsave_dispatch.handlers import (
     DROP,
-    KEEP,
     Handler,
     RegistrationError,
     Saved,
@@ -20,21 +19,12 @@ from memsave_dispatch.handlers import (
     save_needed,
     unregister_handler,
 )
-from tests._compare import compare_with_stock
+from tests.support import compare_with_stock
 
 aten = torch.ops.aten
 
 
-@pytest.fixture
-def cleanup():
-    registered = []
-    yield registered
-    for op in registered:
-        if op in registered_ops():
-            unregister_handler(op)
-
-
-def test_user_saving_policy_for_reflection_padding(cleanup):
+def test_user_saving_policy_for_reflection_padding(handler_cleanup):
     """reflection_pad2d's backward reads its input only for the shape: drop it."""
 
     @register_handler(aten.reflection_pad2d.default)
@@ -43,7 +33,7 @@ def test_user_saving_policy_for_reflection_padding(cleanup):
         def saved(args, outputs):
             return {"self": Saved(args[0], DROP)}
 
-    cleanup.append(aten.reflection_pad2d.default)
+    handler_cleanup.append(aten.reflection_pad2d.default)
     x = torch.randn(2, 3, 6, 6, requires_grad=True)
     stock, mode = compare_with_stock(lambda x: F.pad(x, (1, 2, 1, 2), mode="reflect"), {"x": x})
     assert stock.saved_bytes == x.numel() * 4
@@ -51,7 +41,7 @@ def test_user_saving_policy_for_reflection_padding(cleanup):
     assert mode.report["aten.reflection_pad2d.default"].encodings == {"dropped": 1}
 
 
-def test_user_function_handler_replaces_the_formula(cleanup):
+def test_user_function_handler_replaces_the_formula(handler_cleanup):
     """A Handler with its own forward/backward: silu keeping its input, as stock does."""
 
     @register_handler(aten.silu.default)
@@ -72,7 +62,7 @@ def test_user_function_handler_replaces_the_formula(cleanup):
         def stock_saved(args, outputs):
             return (args[0],)
 
-    cleanup.append(aten.silu.default)
+    handler_cleanup.append(aten.silu.default)
     x = torch.randn(4, 5, requires_grad=True)
     stock, mode = compare_with_stock(lambda x: F.silu(x * 1), {"x": x})
     line = mode.report["aten.silu.default"]
@@ -83,7 +73,7 @@ def test_user_function_handler_replaces_the_formula(cleanup):
     assert type(out.grad_fn).__name__ == "SiluFunctionBackward"
 
 
-def test_duplicates_need_override_and_unregister_restores_stock(cleanup):
+def test_duplicates_need_override_and_unregister_restores_stock(handler_cleanup):
     class KeepAll(SavingPolicy):
         @staticmethod
         def saved(args, outputs):
@@ -174,33 +164,33 @@ def test_unregistering_an_unknown_op():
         unregister_handler(aten.silu.default)
 
 
-def test_unknown_decision_is_a_clear_error(cleanup):
+def test_unknown_decision_is_a_clear_error(handler_cleanup):
     @register_handler(aten.reflection_pad1d.default)
     class Confused(SavingPolicy):
         @staticmethod
         def saved(args, outputs):
             return {"self": Saved(args[0], "drop it")}
 
-    cleanup.append(aten.reflection_pad1d.default)
+    handler_cleanup.append(aten.reflection_pad1d.default)
     x = torch.randn(2, 3, 6, requires_grad=True)
     with MemSaveMode(), pytest.raises(TypeError, match="unknown saving decision 'drop it'"):
         F.pad(x, (1, 1), mode="reflect")
 
 
-def test_a_slot_the_node_does_not_have_is_a_clear_error_on_first_use(cleanup):
+def test_a_slot_the_node_does_not_have_is_a_clear_error_on_first_use(handler_cleanup):
     @register_handler(aten.reflection_pad1d.default)
     class WrongSlot(SavingPolicy):
         @staticmethod
         def saved(args, outputs):
             return {"input": Saved(args[0], DROP)}  # the node calls it "self"
 
-    cleanup.append(aten.reflection_pad1d.default)
+    handler_cleanup.append(aten.reflection_pad1d.default)
     x = torch.randn(2, 3, 6, requires_grad=True)
     with MemSaveMode(), pytest.raises(AttributeError, match=r"names slot\(s\) \['input'\] that .*ReflectionPad1DBackward0 does not have; its saved slots are \['self'\]"):
         F.pad(x, (1, 1), mode="reflect")
 
 
-def test_a_handler_for_one_mode_only(cleanup):
+def test_a_handler_for_one_mode_only(handler_cleanup):
     """MemSaveMode(handlers=...) adds (or replaces) handlers for that mode alone."""
 
     class ReflectionPad(SavingPolicy):

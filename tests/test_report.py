@@ -11,19 +11,11 @@ import torch
 from rich.console import Console
 
 from memsave_dispatch import MemSaveMode, saved_tensor_bytes
-from tools.bench.models import SmallConvNet, freeze
 from memsave_dispatch.report import format_bytes
 
 
-def _frozen_net():
-    torch.manual_seed(0)
-    net = SmallConvNet()
-    freeze(net)
-    return net
-
-
-def test_report_counts_and_bytes_match_what_the_graph_keeps():
-    net = _frozen_net()
+def test_report_counts_and_bytes_match_what_the_graph_keeps(frozen_net):
+    net = frozen_net
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     stock_bytes, _ = saved_tensor_bytes(lambda: net(x), exclude=net)
     with MemSaveMode() as mode:
@@ -54,8 +46,8 @@ def test_report_bytes_per_call_are_the_storages_the_node_keeps():
     assert report.kept_bytes == statistics
 
 
-def test_to_dict_is_json_ready_and_complete():
-    net = _frozen_net()
+def test_to_dict_is_json_ready_and_complete(frozen_net):
+    net = frozen_net
     with MemSaveMode() as mode:
         net(torch.randn(2, 3, 16, 16, requires_grad=True)).sum().backward()
         with torch.no_grad():
@@ -67,8 +59,8 @@ def test_to_dict_is_json_ready_and_complete():
     assert data["totals"]["saved_bytes"] == data["totals"]["stock_bytes"] - data["totals"]["kept_bytes"]
 
 
-def test_print_report_renders_a_table():
-    net = _frozen_net()
+def test_print_report_renders_a_table(frozen_net):
+    net = frozen_net
     with MemSaveMode() as mode:
         net(torch.randn(2, 3, 16, 16, requires_grad=True))
     buffer = io.StringIO()
@@ -78,8 +70,8 @@ def test_print_report_renders_a_table():
     assert "convolution: 2 dropped" in str(mode.report())
 
 
-def test_accounting_keeps_no_tensor_alive():
-    net = _frozen_net()
+def test_accounting_keeps_no_tensor_alive(frozen_net):
+    net = frozen_net
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     with MemSaveMode():
         hidden = net.features[:3](x)  # conv -> BN -> ReLU: every handled op sees it

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from memsave_dispatch import MemSaveMode, audit, slots
-from tools.bench.models import SmallConvNet, freeze
 
 
 def _live_tensors() -> int:
@@ -25,10 +24,8 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-def test_500_training_steps_hold_memory_flat():
-    torch.manual_seed(0)
-    model = SmallConvNet(width=8, prompt_size=16)
-    freeze(model)
+def test_500_training_steps_hold_memory_flat(prompt_tuned_net):
+    model = prompt_tuned_net
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     x = torch.randn(8, 3, 16, 16)
     y = torch.arange(8) % 10
@@ -52,10 +49,8 @@ def test_500_training_steps_hold_memory_flat():
     assert all(len(op.encodings) <= 2 for op in report.ops)  # kinds of encoding, not calls
 
 
-def test_nothing_is_kept_once_backward_frees_the_graph():
-    torch.manual_seed(0)
-    model = SmallConvNet(width=8, prompt_size=16)
-    freeze(model)
+def test_nothing_is_kept_once_backward_frees_the_graph(prompt_tuned_net):
+    model = prompt_tuned_net
     x = torch.randn(4, 3, 16, 16)
     with MemSaveMode():
         F.cross_entropy(model(x), torch.arange(4)).backward()  # warm every cache

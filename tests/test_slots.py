@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from memsave_dispatch import MemSaveMode, slots
-from tests._compare import assert_bit_identical, compare_with_stock
+from tests.support import assert_bit_identical, compare_with_stock
 
 FROZEN = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(7))
 

@@ -10,15 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from memsave_dispatch import MemSaveMode, saved_tensor_bytes, state
-from tools.bench.models import SmallConvNet, freeze
-from tests._compare import assert_bit_identical
-
-
-def _model():
-    torch.manual_seed(0)
-    model = SmallConvNet(width=8, prompt_size=16)
-    freeze(model)
-    return model
+from tests.support import assert_bit_identical, frozen_small_net
 
 
 def _step(model, x, y):
@@ -53,8 +45,8 @@ def _run_threads(targets, timeout=120):
 def test_threads_training_concurrently_inside_and_outside_the_mode():
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     y = torch.arange(4)
-    expected = _step(_model(), x, y)
-    reference = _model()
+    expected = _step(frozen_small_net(width=8, prompt_size=16), x, y)
+    reference = frozen_small_net(width=8, prompt_size=16)
     stock_bytes, _ = saved_tensor_bytes(lambda: reference(x), exclude=reference)
     start = threading.Barrier(6)
     results: dict[int, list] = {}

@@ -6,7 +6,7 @@
 Part 1 runs every built-in handler family on CUDA, stock and under
 ``MemSaveMode(devices=("cuda",))``, over fp32/bf16/fp64, contiguous and channels_last, and
 the requires-grad patterns that change what is kept, with cuDNN/cuBLAS set deterministic.
-Each line reports whether forward outputs and gradients are bit-identical (``torch.equal``),
+Each line reports whether forward outputs and gradients are bit-identical (raw bits, so the sign of zero and NaN payloads count),
 how many calls the mode handled (CUDA batch norm reaches ``cudnn_batch_norm``, which has no
 handler yet: it runs stock and says so) and the bytes kept against stock.
 

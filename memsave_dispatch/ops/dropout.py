@@ -49,7 +49,7 @@ class Dropout(SavingPolicy):
 
     @staticmethod
     def saved(args, outputs):
-        input, p = args[0], args[1]
+        p = args[1]
         noise = outputs[0].grad_fn._saved_other  # the Mul node the composite built
         if not encodings_enabled():
             return {"other": Saved(noise, KEEP)}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.torch_version import TorchVersion
 
-from tests._compare import DTYPES, compare_with_stock
+from tests.support import DTYPES, compare_with_stock
 
 SPECIAL = [math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-45, -1e-45, 1.0, -1.0]
 

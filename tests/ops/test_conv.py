@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests._compare import DTYPES, compare_with_stock, requires_grad_patterns
+from tests.support import DTYPES, compare_with_stock, requires_grad_patterns
 
 FORMATS = {2: torch.channels_last, 3: torch.channels_last_3d}
 

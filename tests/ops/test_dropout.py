@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests._compare import DTYPES, compare_with_stock
+from tests.support import DTYPES, compare_with_stock
 
 DROPOUTS = {
     "dropout": (lambda x, p, train: F.dropout(x, p, training=train), "aten.dropout.default"),

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memsave_dispatch import MemSaveMode
-from tests._compare import DTYPES, compare_with_stock, requires_grad_patterns
+from tests.support import DTYPES, compare_with_stock, requires_grad_patterns
 
 
 @pytest.mark.parametrize("shape", [(5, 4), (2, 3, 4), (2, 2, 3, 4)], ids=["2d", "3d", "4d"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests._compare import DTYPES, compare_with_stock, requires_grad_patterns
+from tests.support import DTYPES, compare_with_stock, requires_grad_patterns
 
 MODULES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 SHAPES = {"1d-NC": (1, (6, 4)), "1d-NCL": (1, (3, 4, 5)), "2d": (2, (3, 4, 5, 5)), "3d": (3, (2, 4, 3, 3, 3))}

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from memsave_dispatch import MemSaveMode
 from memsave_dispatch._compat import BFLOAT16_ADAPTIVE_MAX_POOL2D_INDICES_IN_WINDOW
-from tests._compare import DTYPES, compare_with_stock
+from tests.support import DTYPES, compare_with_stock
 
 FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 

@@ -80,7 +80,7 @@ def caption(config: dict[str, Any]) -> str:
         f"({config['peak_method']}). time: median of per-round step-time ratios over "
         f"{config['pairs']} interleaved rounds (stock eager: median step time). Ratios and "
         f"exactness: MemSaveMode columns against the same execution without the mode, "
-        f"torch.compile against stock eager; gradients compared with torch.equal "
+        f"torch.compile against stock eager; gradients compared as raw bits "
         f"(bit-identical; eager MemSaveMode must be) or, for torch.compile, a relative L2 error of "
         f"at most {COMPILE_REL_TOL:g} over all gradients (within tol)."
     )

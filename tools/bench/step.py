@@ -7,7 +7,7 @@ Stock and mode steps are interleaved (ABBA order, so drift and caches hit both a
 the figure is the median of the per-pair ratios mode/stock. Stock steps run with the
 interposing kernels uninstalled, so stock pays nothing for this library being imported.
 Bytes kept for backward are measured with saved-tensor hooks, parameters and buffers
-excluded, and gradients are compared with torch.equal.
+excluded, and gradients are compared as raw bits.
 
 The minor page faults per step are printed too: glibc returns large freed blocks to the OS
 and maps them again, so a step can pay thousands of faults (milliseconds). How many, and on
@@ -88,7 +88,7 @@ def run_case(case: str, batch: int, size: int, pairs: int, progress=None, task=N
     stock_grads = _gradients(reference, x, y)
     with MemSaveMode():
         mode_grads = _gradients(candidate, x, y)
-    exact = compare_gradients(mode_grads, stock_grads, rel_tol=0.0)[0] == "bit-identical"  # torch.equal, each
+    exact = compare_gradients(mode_grads, stock_grads, rel_tol=0.0)[0] == "bit-identical"  # raw bits, each
     stock_bytes, _ = saved_tensor_bytes(lambda: reference(x), exclude=reference)
     with MemSaveMode():
         mode_bytes, _ = saved_tensor_bytes(lambda: candidate(x), exclude=candidate)

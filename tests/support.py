@@ -1,4 +1,5 @@
-"""Run the same computation with stock PyTorch and under MemSaveMode, and compare.
+"""Shared test support: build the usual inputs and networks, run the same computation with
+stock PyTorch and under MemSaveMode, and compare.
 
 Outputs and gradients must be bit-identical (raw bits, same strides: see
 ``memsave_dispatch.exactness``). Bytes kept for backward are measured on the path users run
@@ -18,11 +19,37 @@ import torch
 from torch import Tensor, nn
 
 from memsave_dispatch import MemSaveMode, saved_tensor_bytes
+from memsave_dispatch.demo import SmallConvNet
 from memsave_dispatch.exactness import difference
+from tools.bench.models import freeze
 
-__all__ = ["assert_bit_identical", "compare_with_stock", "run_once", "requires_grad_patterns", "DTYPES", "HookMeter", "Run"]
+__all__ = [
+    "assert_bit_identical",
+    "compare_with_stock",
+    "run_once",
+    "requires_grad_patterns",
+    "seeded_randn",
+    "frozen_small_net",
+    "DTYPES",
+    "HookMeter",
+    "Run",
+]
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def seeded_randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32, requires_grad: bool = False) -> Tensor:
+    """The same normal values on every run, drawn in fp64 and rounded to ``dtype``."""
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return values.to(dtype).requires_grad_(requires_grad)
+
+
+def frozen_small_net(width: int = 32, prompt_size: int | None = None, seed: int = 0) -> SmallConvNet:
+    """The demo's conv-BN-ReLU-pool network, seeded, with its conv and BN layers frozen."""
+    torch.manual_seed(seed)
+    net = SmallConvNet(width=width, prompt_size=prompt_size)
+    freeze(net)
+    return net
 
 
 def assert_bit_identical(actual, expected, what: str = "tensor") -> None:
