@@ -28,9 +28,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from rich import box
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
 from torch import Tensor, nn
 
-from ._compat import SAVED_SLOTS_READABLE, autograd_function_of, tree_leaves, is_wrapped_number, node_sequence_nr, read_saved_slot, saved_slot, saved_slot_names
+from ._compat import (
+    SAVED_SLOTS_READABLE,
+    autograd_function_of,
+    is_wrapped_number,
+    node_sequence_nr,
+    read_saved_slot,
+    saved_slot,
+    saved_slot_names,
+    tree_leaves,
+)
 from .report import format_bytes, render_text
 from .slots import describe_holder, holder_of
 from .storage import is_parameter, storage_key
@@ -170,9 +183,6 @@ class AuditReport:
     def table(self, depth: int = 2):
         """Rich tables that fit 80 columns (names and numbers never wrap): per node type, and
         per module down to ``depth`` when the forward pass was tracked."""
-        from rich import box
-        from rich.console import Group
-        from rich.table import Table
 
         by_type = Table(
             title="Kept for backward, per autograd node type",
@@ -180,6 +190,7 @@ class AuditReport:
             show_footer=True,
             box=box.SIMPLE_HEAD,
             pad_edge=False,
+            collapse_padding=True,
         )
         by_type.add_column("node type", "total", style="bold", no_wrap=True)
         by_type.add_column("nodes", str(sum(r.nodes for r in self.node_types.values())), justify="right", no_wrap=True)
@@ -187,16 +198,20 @@ class AuditReport:
         by_type.add_column("changed", changed, justify="right", no_wrap=True)
         by_type.add_column("bytes", format_bytes(self.total_bytes), justify="right", no_wrap=True)
         by_type.add_column("share", "100%", justify="right", no_wrap=True)
-        by_type.add_column("saved slots are", ratio=1)
+        forms = Text()
         for name, row in sorted(self.node_types.items(), key=lambda item: -item[1].bytes):
-            forms = ", ".join(f"{n} {form}" for form, n in sorted(row.forms.items())) or "-"
             share = f"{100 * row.bytes / self.total_bytes:.1f}%" if self.total_bytes else "-"
-            by_type.add_row(name, str(row.nodes), str(row.changed_by_memsave), format_bytes(row.bytes), share, forms)
-        by_type.caption = (
-            f"'changed': nodes MemSaveMode changed. Each storage counted once, for the node created "
-            f"first; parameters, buffers and excluded tensors ({format_bytes(self.excluded_bytes)}) "
-            f"not counted."
+            by_type.add_row(name, str(row.nodes), str(row.changed_by_memsave), format_bytes(row.bytes), share)
+            if row.forms:
+                forms.append(f"{name}: ", style="bold")
+                forms.append(", ".join(f"{n} {form}" for form, n in sorted(row.forms.items())) + "\n")
+        caption = Text(
+            f"Saved slots by what they hold, above. 'changed': nodes MemSaveMode changed. Each "
+            f"storage counted once, for the node created first; parameters, buffers and excluded "
+            f"tensors ({format_bytes(self.excluded_bytes)}) not counted.",
+            style="dim",
         )
+        by_type = Group(by_type, forms, caption)
         if self.modules is None:
             return by_type
         by_module = Table(title="Kept for backward, per module", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -212,7 +227,6 @@ class AuditReport:
         return Group(by_type, by_module)
 
     def print(self, depth: int = 2) -> None:
-        from rich.console import Console
 
         Console().print(self.table(depth))
 

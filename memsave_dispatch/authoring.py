@@ -27,9 +27,9 @@ from typing import Any, ClassVar, NamedTuple
 from torch import Tensor
 
 from ._compat import is_compiling
-from .state import outputs_held
 from .decisions import Saved
 from .ghosts import TensorLayout
+from .state import outputs_held
 
 __all__ = [
     "SavingPolicy",

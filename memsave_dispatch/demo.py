@@ -57,7 +57,14 @@ class SmallConvNet(nn.Module):
         return self.head(torch.flatten(self.features(x), 1))
 
 
-def run_demo(steps: int = 5, batch: int = 32, size: int = 32, bn_train: bool = False, console: Console | None = None) -> dict:
+def run_demo(
+    steps: int = 5,
+    batch: int = 32,
+    size: int = 32,
+    bn_train: bool = False,
+    console: Console | None = None,
+    mode: MemSaveMode | None = None,
+) -> dict:
     console = console or Console()
     torch.manual_seed(0)
     stock_model = SmallConvNet(prompt_size=size)
@@ -72,7 +79,7 @@ def run_demo(steps: int = 5, batch: int = 32, size: int = 32, bn_train: bool = F
         (torch.randn(batch, 3, size, size, generator=generator), torch.randint(0, 10, (batch,), generator=generator))
         for _ in range(steps)
     ]
-    mode = MemSaveMode()
+    mode = mode or MemSaveMode()
     gradients = {"stock": [], "mode": []}
     with Progress(console=console, transient=True) as progress:
         for label, model in (("stock", stock_model), ("mode", mode_model)):

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Union
 
 import torch
+from rich.console import Console
 from torch.compiler import config as compiler_config
 from torch.overrides import TorchFunctionMode
 
@@ -126,7 +127,6 @@ class MemSaveMode(TorchFunctionMode):
     def print_report(self, console=None) -> None:
         """Print the report as a rich table (fits an 80-column terminal)."""
         if console is None:
-            from rich.console import Console
 
             console = Console()
         console.print(self.report().table())

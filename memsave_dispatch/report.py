@@ -13,6 +13,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from rich import box
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
 __all__ = ["OpTally", "Tallies", "OpReport", "Report", "format_bytes", "render_text", "short_op_name"]
 
 
@@ -203,16 +208,13 @@ class Report:
     def table(self, title: str = "MemSaveMode: operators intercepted"):
         """A rich renderable: a table that fits 80 columns (numbers never wrap), then what
         the saved tensors became and why calls went to stock, one operator a line."""
-        from rich import box
-        from rich.console import Group
-        from rich.table import Table
-        from rich.text import Text
 
-        table = Table(title=title, title_justify="left", show_footer=True, box=box.SIMPLE_HEAD, pad_edge=False)
+        table = Table(
+            title=title, title_justify="left", show_footer=True, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+        )
         table.add_column("operator", "total", style="bold", no_wrap=True)
         for header, total in (
             ("handled", str(self.handled)),
-            ("stock", str(self.to_stock)),
             ("stock keeps", format_bytes(self.stock_bytes)),
             ("kept", format_bytes(self.kept_bytes)),
             ("saved", format_bytes(self.saved_bytes)),
@@ -222,15 +224,7 @@ class Report:
         for op in self.ops:
             name = short_op_name(op.op)
             handled = str(op.handled) + (f"+{op.traced}t" if op.traced else "")
-            stocked = sum(op.to_stock.values())
-            table.add_row(
-                name,
-                handled,
-                str(stocked),
-                format_bytes(op.stock_bytes),
-                format_bytes(op.kept_bytes),
-                format_bytes(op.saved_bytes),
-            )
+            table.add_row(name, handled, format_bytes(op.stock_bytes), format_bytes(op.kept_bytes), format_bytes(op.saved_bytes))
             became = ", ".join(f"{n} {what}" for what, n in sorted(op.encodings.items()))
             why = ", ".join(f"{n} {reason}" for reason, n in sorted(op.to_stock.items()))
             if became or why:
@@ -238,8 +232,8 @@ class Report:
                 notes.append("; ".join(part for part in (became, why and f"to stock: {why}") if part) + "\n")
         caption = Text(
             "Bytes are what each backward node holds, parameters excluded; a storage shared "
-            "by two nodes counts in both. 'stock': calls left to stock PyTorch; "
-            f"'+Nt': calls traced by torch.compile. Engine: {self.engine}.",
+            "by two nodes counts in both. '+Nt': calls traced by torch.compile (trace time, "
+            f"not run time). Engine: {self.engine}.",
             style="dim",
         )
         return Group(table, notes, caption) if notes else Group(table, caption)
@@ -250,7 +244,6 @@ class Report:
 
 def render_text(renderable: Any, width: int = 100) -> str:
     """A rich renderable as plain text at ``width`` columns, printed nowhere."""
-    from rich.console import Console
 
     console = Console(width=width, record=True, file=_NullFile())
     console.print(renderable)

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from memsave_dispatch import MemSaveMode, audit, track_modules
-from tests.support import HookMeter
 from memsave_dispatch._compat import SAVED_SLOTS_READABLE
+from memsave_dispatch.report import format_bytes, render_text
+from tests.support import HookMeter
 from tools.bench.models import SmallConvNet, freeze, resnet18, set_batchnorm_eval, transformer_encoder
 
 CASES = {
@@ -154,3 +155,21 @@ def test_report_renders_and_serialises():
     assert set(data["node_types"]) == set(result.node_types)
     text = str(result)
     assert "per autograd node type" in text and "per module" in text and "features" in text
+
+
+@pytest.mark.parametrize("width", (80, 120))
+def test_audit_tables_read_whole_in_an_ordinary_terminal(width):
+    """Every node type, module name and number whole, on one line, at 80 and 120 columns."""
+    model = _model("resnet18 frozen, BN train")
+    with MemSaveMode(), track_modules(model):
+        out = model(torch.randn(2, 3, 32, 32, requires_grad=True))
+    result = audit(out, model=model)
+    lines = render_text(result.table(depth=1), width=width).splitlines()
+    assert max(len(line) for line in lines) <= width
+    for name, row in result.node_types.items():
+        found = next(line for line in lines if line.split() and line.split()[0] == name)
+        for number in (str(row.nodes), str(row.changed_by_memsave), format_bytes(row.bytes)):
+            assert number in found, f"{number!r} not whole in {found!r}"
+    for module, nbytes in result.modules.items():
+        if module.count(".") == 0:
+            assert any(module in line and format_bytes(nbytes) in line for line in lines), module

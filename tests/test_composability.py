@@ -15,8 +15,8 @@ from torch.utils.checkpoint import checkpoint
 
 from memsave_dispatch import MemSaveMode, audit
 from memsave_dispatch._compat import SAVED_SLOTS_READABLE
-from tools.bench.models import freeze
 from tests.support import assert_bit_identical, frozen_small_net
+from tools.bench.models import freeze
 
 
 def _gradients(model, x):

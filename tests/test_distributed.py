@@ -30,9 +30,8 @@ import torch
 import torch.distributed as dist
 
 from memsave_dispatch import MemSaveMode
-from tests.support import HookMeter
+from tests.support import HookMeter, assert_bit_identical
 from tools.bench.models import SmallConvNet, freeze
-from tests.support import assert_bit_identical
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch built without gloo distributed support"

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from memsave_dispatch import MemSaveMode, saved_tensor_bytes
-from tools.bench.models import SmallConvNet, freeze, resnet18, set_batchnorm_eval, transformer_encoder, vgg11_bn
+from tools.bench.models import (
+    SmallConvNet,
+    freeze,
+    resnet18,
+    set_batchnorm_eval,
+    transformer_encoder,
+    vgg11_bn,
+)
 
 CASES = {
     # case: (prepare, bound on bytes kept under the mode / stock)

@@ -7,11 +7,13 @@ import io
 import json
 import weakref
 
+import pytest
 import torch
 from rich.console import Console
 
 from memsave_dispatch import MemSaveMode, saved_tensor_bytes
-from memsave_dispatch.report import format_bytes
+from memsave_dispatch.demo import run_demo
+from memsave_dispatch.report import format_bytes, render_text, short_op_name
 
 
 def test_report_counts_and_bytes_match_what_the_graph_keeps(frozen_net):
@@ -88,3 +90,22 @@ def test_format_bytes():
     assert format_bytes(-3 * 1024**2) == "-3.00 MiB"
     assert format_bytes(5 * 1024**4) == "5120.00 GiB"
     assert format_bytes(None) == "n/a"
+
+
+@pytest.mark.parametrize("width", (80, 120))
+def test_the_demos_report_reads_whole_in_an_ordinary_terminal(width):
+    """Every operator name and every number whole, on one line, at 80 and 120 columns."""
+    mode = MemSaveMode()
+    run_demo(steps=1, batch=4, size=16, console=Console(file=io.StringIO(), width=200), mode=mode)
+    report = mode.report()
+    lines = render_text(report.table(), width=width).splitlines()
+    assert max(len(line) for line in lines) <= width
+    assert len(report.ops) >= 5
+    for op in report.ops:
+        name = short_op_name(op.op)
+        row = next(line for line in lines if line.split() and line.split()[0] == name)
+        for number in (str(op.handled), format_bytes(op.stock_bytes), format_bytes(op.kept_bytes), format_bytes(op.saved_bytes)):
+            assert number in row, f"{number!r} not whole in {row!r}"
+    total = next(line for line in lines if line.split() and line.split()[0] == "total")
+    for number in (str(report.handled), format_bytes(report.stock_bytes), format_bytes(report.kept_bytes), format_bytes(report.saved_bytes)):
+        assert number in total

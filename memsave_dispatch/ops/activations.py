@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from ..handlers import KEEP, BitMaskCodec, Encode, EncodeWhenUnshared, Saved, SavingPolicy, encodings_enabled, register_handler
+from ..handlers import (
+    KEEP,
+    BitMaskCodec,
+    Encode,
+    EncodeWhenUnshared,
+    Saved,
+    SavingPolicy,
+    encodings_enabled,
+    register_handler,
+)
 
 aten = torch.ops.aten
 

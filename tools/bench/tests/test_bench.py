@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from memsave_dispatch import MemSaveMode, saved_tensor_bytes
+from memsave_dispatch.meter import allocator_bytes
 from tools.bench.cases import CASES, ModelSpec, model_spec
 from tools.bench.cli import main
 from tools.bench.compile_backend import inductor_partition_backend
-from memsave_dispatch.meter import allocator_bytes
 from tools.bench.measure import (
     COMPILE_REL_TOL,
     compare_gradients,
