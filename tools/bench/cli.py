@@ -1,5 +1,6 @@
 """The command line, one entry point: ``python -m tools.bench [options]`` runs the benchmark,
-``python -m tools.bench step [options]`` the step-time comparison (:mod:`tools.bench.step`)."""
+``python -m tools.bench step [options]`` the step-time comparison (:mod:`tools.bench.step`),
+``python -m tools.bench markdown RESULTS.json`` the README's table of a run."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from . import step
 from .cases import CASES, MODELS, STEP_CASES, model_spec
 from .compile_backend import COMPILE_BACKENDS
 from .measure import PEAK_METHODS
-from .render import MATPLOTLIB_MISSING, step_table, tables, write_png
+from .render import MATPLOTLIB_MISSING, markdown, step_table, tables, write_png
 from .runner import COLUMN, BenchConfig, run_bench
 
 QUICK = {"models": ["resnet18"], "batch": 8, "size": 128, "pairs": 7, "compile": "partition"}
@@ -90,10 +91,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``step ...``: the step-time comparison; anything else: the benchmark."""
+    """``step ...``: the step-time comparison; ``markdown RESULTS.json``: the README's table of
+    a benchmark run; anything else: the benchmark."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["step"]:
         step_main(argv[1:])
+        return 0
+    if argv[:1] == ["markdown"]:
+        with open(argv[1]) as handle:
+            sys.stdout.write(markdown(json.load(handle)))
         return 0
     return bench_main(argv)
 

@@ -97,6 +97,40 @@ def caption(config: dict[str, Any]) -> str:
     return text
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The README's table: per model and case, bytes kept and whole-step peak of stock eager
+    and of the mode (with the ratio), the step-time ratio and gradient exactness."""
+    config = results["config"]
+    lines = [
+        "| model, input | case | kept: stock | kept: mode | peak: stock | peak: mode | time: mode / stock | gradients |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model, rows in _rows_by_model(results).items():
+        shape = "x".join(map(str, rows[0]["input_shape"]))
+        for index, row in enumerate(rows):
+            stock, mode = row["columns"]["eager"], row["columns"]["mode"]
+            lines.append(
+                f"| {f'{model}, {shape}' if index == 0 else ''} | {row['case_label']} "
+                f"| {_mib(stock['kept_bytes'])} | {_mib(mode['kept_bytes'])}{_ratio(mode['kept_bytes'], stock['kept_bytes'])} "
+                f"| {_mib(stock['peak_bytes'])} | {_mib(mode['peak_bytes'])}{_ratio(mode['peak_bytes'], stock['peak_bytes'])} "
+                f"| {_time_ratio(mode)} | {mode['exact'] or '-'} |"
+            )
+    lines.append("")
+    lines.append(
+        f"MiB; torch {config['torch']}, {config['device']}, {config['threads']} threads, "
+        f"{config['pairs']} interleaved rounds (median of per-round ratios)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _mib(count: int | None) -> str:
+    return "-" if count is None else f"{count / 2**20:.1f}"
+
+
+def _time_ratio(cell: dict[str, Any]) -> str:
+    return "-" if cell.get("time_ratio") is None else f"{cell['time_ratio']:.2f}"
+
+
 def _rows_by_model(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     by_model: dict[str, list[dict[str, Any]]] = {}
     for row in results["rows"]:
