@@ -44,8 +44,8 @@ from ._compat import (
     saved_slot_names,
     tree_leaves,
 )
+from .holders import describe_holder, holder_of
 from .report import format_bytes, render_text
-from .slots import describe_holder, holder_of
 from .storage import is_parameter, storage_key
 
 __all__ = ["audit", "track_modules", "AuditReport", "NodeTypeSummary"]

@@ -122,12 +122,26 @@ class Codec:
     """
 
     name: str = "encoded"
+    values_exact: bool = False
+    """Whether ``decode`` gives back the original's very values, not only what its backward
+    kernel reads (a ReLU mask gives 0/1): only then may a recipe read it (see recipes)."""
 
     def encode(self, tensor: Tensor) -> tuple[tuple[Tensor, ...], object]:
         raise NotImplementedError
 
     def decode(self, kept: tuple[Tensor, ...], meta: object) -> Tensor:
         raise NotImplementedError
+
+    def forget(self, meta: object) -> None:
+        """The encoding ``meta`` belongs to was undone (the original is kept after all)."""
+
+    def commit(self, meta: object, materialize: Callable[[Tensor], None]) -> None:
+        """The encoding replaced the tensor for good (it was unshared); ``materialize(t)``
+        would put a tensor back in its place."""
+
+    def describe(self, meta: object) -> str:
+        """What the slot holds, for an audit."""
+        return self.name
 
 
 class BitMaskCodec(Codec):
@@ -146,8 +160,8 @@ class BitMaskCodec(Codec):
 
     name = "1-bit mask"
 
-    def __init__(self, decide, low: float = 0.0, high: float = 1.0) -> None:
-        self.decide, self.low, self.high = decide, low, high
+    def __init__(self, decide, low: float = 0.0, high: float = 1.0, values_exact: bool = False) -> None:
+        self.decide, self.low, self.high, self.values_exact = decide, low, high, values_exact
 
     def encode(self, tensor: Tensor) -> tuple[tuple[Tensor, ...], object]:
         decided = self.decide(tensor)
@@ -242,6 +256,8 @@ class WindowOffsetCodec(Codec):
     bits (two 1-bit planes) when the window has at most four positions (2x2 pooling): four
     times smaller for a few more byte-sized passes.
     """
+
+    values_exact = True
 
     def __init__(self, windows: PoolingWindows) -> None:
         self.windows = windows

@@ -6,6 +6,10 @@ A handler tells MemSaveMode what an aten operator's backward node keeps. A
 ``EncodeWhenUnshared(codec)`` (an exact compact stand-in, made at once or once nothing else
 holds the tensor). A :class:`Handler` replaces the formula with your own autograd Function.
 
+A :class:`Recipe`, registered per autograd node type with :func:`register_recipe`, says how
+a node's output is rebuilt from what the graph keeps anyway: a kept tensor whose producer has
+a recipe is dropped once unshared and rebuilt in backward by re-running the stock operator.
+
     import torch
     from memsave_dispatch.handlers import DROP, Saved, SavingPolicy, register_handler
 
@@ -32,6 +36,18 @@ from .authoring import (
 )
 from .codecs import BitMask, BitMaskCodec, Codec, two_value_table
 from .decisions import DROP, KEEP, Decision, Encode, EncodeWhenUnshared, Saved
+from .recipes import (
+    Attr,
+    Input,
+    Noted,
+    OutputDtype,
+    Recipe,
+    Slot,
+    keeps,
+    note,
+    register_recipe,
+    unregister_recipe,
+)
 from .registry import RegistrationError, register_handler, registered_ops, unregister_handler
 
 __all__ = [
@@ -52,6 +68,16 @@ __all__ = [
     "encodings_enabled",
     "OutputsToCaller",
     "caller_keeps_outputs",
+    "Recipe",
+    "Slot",
+    "Input",
+    "Attr",
+    "Noted",
+    "OutputDtype",
+    "register_recipe",
+    "unregister_recipe",
+    "note",
+    "keeps",
     "register_handler",
     "unregister_handler",
     "registered_ops",

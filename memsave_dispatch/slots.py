@@ -7,10 +7,7 @@ out: DROP (backward gets a zero-memory ghost of the same layout), Encode (backwa
 decoded stand-in), EncodeWhenUnshared (encoded once the node is the tensor's last holder).
 The backward formula is stock's own, so the gradients are stock's bit for bit.
 
-A slot with hooks is no longer checked by autograd for in-place changes. Each holder here
-therefore keeps a *witness* of the tensor (a storage-less alias sharing its version counter)
-and, when backward unpacks the slot, raises stock's own error if the tensor was modified
-since it was saved.
+The holders (and stock's in-place check they keep) are in :mod:`.holders`.
 
 Unshared encodings: a ReLU output is usually also the next layer's input and often the
 caller's too; encoding it while anything else holds it frees nothing and adds the bits. So
@@ -33,20 +30,17 @@ import torch
 from torch import Tensor
 
 from ._compat import (
-    SAVED_SLOTS_READABLE,
     Hooks,
     backward_running,
-    modified_in_place_error,
-    no_torch_function,
     pop_all_default_hooks,
     push_default_hooks,
     saved_slot,
     saved_slot_names,
     storage_references,
 )
-from .codecs import Codec
 from .decisions import DROP, KEEP, Decision, Encode, EncodeWhenUnshared, Saved
-from .ghosts import TensorLayout, ghost_like
+from .holders import Encoded, Ghost, Origin, hook
+from .recipes import UNSHARED_KEY, Plan, Rebuild, has_recipe, plan
 from .storage import storage_key
 
 __all__ = [
@@ -56,171 +50,7 @@ __all__ = [
     "run_without_default_hooks",
     "forget_pending",
     "pending_count",
-    "describe_holder",
-    "holder_of",
 ]
-
-
-# -- how stock would report an in-place change -------------------------------------------
-_WITNESS_DATA: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-
-
-def _witness(tensor: Tensor) -> Tensor:
-    """An alias of ``tensor`` that shares its version counter but not its storage: it reads
-    the tensor's version without keeping its memory alive."""
-    witness = tensor.detach()
-    key = (tensor.dtype, tensor.device)
-    empty = _WITNESS_DATA.get(key)
-    if empty is None:
-        empty = _WITNESS_DATA.setdefault(key, torch.empty(0, dtype=tensor.dtype, device=tensor.device))
-    witness.data = empty  # keeps the version counter, drops the storage
-    return witness
-
-
-class Origin:
-    """What stock's saved variable remembers of a tensor to report an in-place change of it:
-    its version when saved, and who produced it."""
-
-    __slots__ = ("witness", "version", "sizes", "output_nr", "leaf", "source")
-
-    def __init__(self, tensor: Tensor, node_name: str | None, output_nr: int, leaf: bool) -> None:
-        self.witness = _witness(tensor)
-        self.version = tensor._version
-        self.sizes = tensor.shape
-        self.output_nr, self.leaf = output_nr, leaf
-        # stock names the current grad_fn of a tensor it keeps as is (the one it had when the
-        # tensor's last reference here died), the node itself for one of the node's outputs
-        self.source: Any = node_name if node_name is not None or leaf else (weakref.ref(tensor), tensor.grad_fn)
-
-    @classmethod
-    def of(cls, tensor: Tensor, node_name: str | None) -> Origin:
-        """``node_name``: the node's, when ``tensor`` is one of its outputs."""
-        return cls(tensor, node_name, tensor.output_nr, tensor.is_leaf)
-
-    def check(self) -> None:
-        """Raise stock's error if the tensor was modified in place since it was saved."""
-        current = self.witness._version
-        if current != self.version:
-            raise modified_in_place_error(
-                self.witness.type(), self.sizes, self._grad_fn(), self.output_nr, current, self.version
-            )
-
-    def _grad_fn(self) -> Any:
-        if self.leaf:
-            return None
-        if isinstance(self.source, str):
-            return _Named(self.source)
-        reference, grad_fn_when_saved = self.source
-        tensor = reference()
-        return grad_fn_when_saved if tensor is None else tensor.grad_fn
-
-
-class _Named(NamedTuple):
-    label: str
-
-    def name(self) -> str:
-        return self.label
-
-
-# -- slot holders ------------------------------------------------------------------------
-class _Ghost:
-    """A dropped tensor: nothing kept, a ghost in backward. ``origin`` is None where stock
-    would not check the tensor's version either (under the user's saved-tensor hooks)."""
-
-    __slots__ = ("origin", "layout", "__weakref__")
-
-    def __init__(self, origin: Origin | None) -> None:
-        self.origin = origin
-
-    def pack(self, tensor: Tensor) -> None:
-        self.layout = TensorLayout.of(tensor)
-
-    def unpack(self, _packed: None) -> Tensor:
-        if self.origin is not None:
-            self.origin.check()
-        with no_torch_function():
-            return ghost_like(self.layout)
-
-
-class _Encoded:
-    """An encoded tensor; the user's hooks, if any, pack the encoding.
-
-    ``deferred``: pack keeps the original (through the user's hooks) until ``encode`` is
-    called, once the tensor is unshared.
-    """
-
-    __slots__ = ("codec", "user_hooks", "origin", "deferred", "kept", "meta", "nbytes", "__weakref__")
-
-    def __init__(self, codec: Codec, user_hooks: Hooks | None, origin: Origin | None, deferred: bool = False) -> None:
-        self.codec, self.user_hooks, self.origin, self.deferred = codec, user_hooks, origin, deferred
-        self.kept: tuple = ()
-        self.meta: object = None
-        self.nbytes = 0  # of the encoding, before the user's hooks packed it
-
-    def pack(self, tensor: Tensor) -> None:
-        if self.deferred:
-            self.kept = (self._user_pack(tensor),)
-        else:
-            self.encode(tensor)
-
-    def encode(self, tensor: Tensor) -> None:
-        # detached: the encoding is no part of the graph (cheaper than a no_grad block)
-        with no_torch_function():
-            encoded, self.meta = self.codec.encode(tensor.detach())
-        self.nbytes = sum(t.untyped_storage().nbytes() for t in encoded)
-        self.kept = tuple(encoded) if self.user_hooks is None else tuple(self._user_pack(t) for t in encoded)
-        self.deferred = False
-
-    def keep_original(self, tensor: Tensor) -> None:
-        """Undo :meth:`encode`: something else keeps ``tensor``, so its encoding is extra."""
-        self.kept = (self._user_pack(tensor.detach()),)
-        self.meta, self.nbytes, self.deferred = None, 0, True
-
-    def unpack(self, _packed: None) -> Tensor:
-        if self.origin is not None:
-            self.origin.check()
-        kept = self.kept if self.user_hooks is None else tuple(self.user_hooks[1](p) for p in self.kept)
-        if self.deferred:
-            return kept[0]
-        with no_torch_function():
-            return self.codec.decode(kept, self.meta)
-
-    def _user_pack(self, tensor: Tensor) -> Any:
-        return tensor if self.user_hooks is None else self.user_hooks[0](tensor)
-
-
-_HOLDERS_KEY = "memsave_dispatch.slot_holders"
-
-
-def _hook(node: Any, name: str, holder: _Ghost | _Encoded) -> None:
-    """Give the slot ``name`` of ``node`` the holder's hooks (this packs it at once).
-
-    Where a slot cannot show its hooks (torch < 2.13), a weak reference to the holder is
-    also noted in the node's metadata, for :func:`holder_of` (weak: what the holder keeps
-    must go when backward frees the slot).
-    """
-    saved_slot(node, name).register_hooks(holder.pack, holder.unpack)
-    if not SAVED_SLOTS_READABLE:
-        node.metadata.setdefault(_HOLDERS_KEY, {})[name] = weakref.ref(holder)
-
-
-def holder_of(node: Any, name: str, unpack_hook: Any = None) -> _Ghost | _Encoded | None:
-    """The holder of this library on a slot, if any: from the slot's unpack hook where it
-    shows (torch >= 2.13), else from the node's metadata."""
-    if unpack_hook is not None:
-        holder = getattr(unpack_hook, "__self__", None)
-        return holder if isinstance(holder, (_Ghost, _Encoded)) else None
-    reference = node.metadata.get(_HOLDERS_KEY, {}).get(name) if not SAVED_SLOTS_READABLE else None
-    return None if reference is None else reference()
-
-
-def describe_holder(holder: _Ghost | _Encoded) -> tuple[str, tuple]:
-    """(what the slot holds, what it keeps: tensors, or what the user's hooks packed them
-    into) for an audit."""
-    if isinstance(holder, _Ghost):
-        return DROP.label, ()
-    form = EncodeWhenUnshared.label if holder.deferred else holder.codec.name
-    return form, holder.kept
 
 
 # -- unshared encodings ------------------------------------------------------------------
@@ -229,33 +59,44 @@ class _Pending:
 
     ``holder`` is None while stock's slot holds the tensor itself (a node's own output, no
     user hooks: nothing to do until the tensor dies); otherwise a deferred holder keeps it.
-    ``alias`` holds the storage (no extra memory: the tensor holds it too) so that the
-    encoding can read it and tell whether anything else still holds it.
     """
 
-    __slots__ = ("node", "slot", "codec", "holder", "version", "alias", "node_name", "output_nr", "tallies", "nbytes")
+    __slots__ = ("node", "slot", "codec", "holder", "version", "view", "node_name", "output_nr", "tallies", "nbytes")
 
     def __init__(self, node, slot, codec, holder, tensor, node_name, tallies, nbytes) -> None:
         self.node, self.slot, self.codec, self.holder = node, slot, codec, holder
         self.version = tensor._version
-        self.alias: Tensor | None = tensor.detach()
+        # the waiting is for the base of a view: where in it the slot's tensor lies
+        self.view = None if tensor._base is None else (tensor.shape, tensor.stride(), tensor.storage_offset())
         self.node_name, self.output_nr = node_name, tensor.output_nr
         self.tallies, self.nbytes = tallies, nbytes
 
+    def tensor_in(self, alias: Tensor) -> Tensor:
+        """The slot's tensor, from an alias of the tensor waited for."""
+        return alias if self.view is None else alias.as_strided(*self.view)
+
 
 class _Tracked:
-    __slots__ = ("ref", "entries")
+    """The slots waiting for one tensor. ``alias`` holds its storage (no extra memory: the
+    tensor holds it too) so that the encodings can read it and tell, once the tensor is gone,
+    whether anything else still holds it."""
+
+    __slots__ = ("ref", "alias", "entries")
 
 
 class _ThreadPending(threading.local):
     def __init__(self) -> None:
         self.by_tensor: dict[int, _Tracked] = {}
+        self.plans: dict[int, Plan] = {}  # id(tensor) -> its rebuild plan, while it waits
 
 
 _pending = _ThreadPending()
 
 
 def _track(tensor: Tensor, entry: _Pending) -> None:
+    """Wait for ``tensor`` (for a view, its base: the view often dies first) to die."""
+    if tensor._base is not None:
+        tensor = tensor._base
     table = _pending.by_tensor
     key = id(tensor)
     tracked = table.get(key)
@@ -263,71 +104,83 @@ def _track(tensor: Tensor, entry: _Pending) -> None:
         tracked = _Tracked()
         # the callback captures this thread's table: the tensor may die in another thread
         tracked.ref = weakref.ref(tensor, lambda _ref, key=key, table=table: _died(table, key))
+        tracked.alias = tensor.detach()
         tracked.entries = []
         table[key] = tracked
     tracked.entries.append(entry)
 
 
 def _died(table: dict[int, _Tracked], key: int) -> None:
-    """The tensor is gone: encode what waited for it, where nothing else holds its storage."""
+    """The tensor is gone: encode every slot that waited for it, and keep the encodings only
+    if nothing else holds its storage then (the storage is freed only when all let go)."""
     tracked = table.pop(key, None)
+    _pending.plans.pop(key, None)
     if tracked is None:
         return
+    alias, tracked.alias = tracked.alias, None
     if backward_running():
         return  # the graph is being consumed: nothing left to save
-    for entry in tracked.entries:
-        _encode_unshared(entry)
+    encoded = [(entry, holder) for entry in tracked.entries if (holder := _encode_unshared(entry, alias)) is not None]
+    if storage_references(alias) > _REFERENCES_ALONE:
+        for entry, holder in encoded:
+            holder.keep_original(entry.tensor_in(alias))  # something else holds the storage
+        return
+    for entry, holder in encoded:
+        entry.node = None
+        holder.codec.commit(holder.meta, _materializer(holder))
+        for tally in entry.tallies:
+            tally.reencode(EncodeWhenUnshared.label, entry.codec.name, holder.nbytes - entry.nbytes)
 
 
-def _encode_unshared(entry: _Pending) -> None:
-    alias, entry.alias = entry.alias, None
+def _materializer(holder: Encoded) -> Callable[[Tensor], None]:
+    """Puts a tensor back in the holder's slot (held weakly: a node's hooks must not keep the
+    slot that references them alive)."""
+    reference = weakref.ref(holder)
+
+    def materialize(tensor: Tensor) -> None:
+        alive = reference()
+        if alive is not None:
+            alive.keep_original(tensor)
+
+    return materialize
+
+
+def _encode_unshared(entry: _Pending, alias: Tensor) -> Encoded | None:
     if alias._version != entry.version:
-        return  # modified in place since: the slot reports it in backward, as stock does
+        return None  # modified in place since: the slot reports it in backward, as stock does
     holder = entry.holder
     if holder is None:
-        if storage_references(alias) > _REFERENCES_WITH_SLOT:
-            return  # something else holds the storage: the bits would be extra
         # (only a node's own output, requiring grad, waits this way: not a leaf)
-        holder = _Encoded(entry.codec, None, Origin(alias, entry.node_name, entry.output_nr, leaf=False))
+        holder = Encoded(entry.codec, None, Origin(alias, entry.node_name, entry.output_nr, leaf=False))
         try:
-            _hook(entry.node, entry.slot, holder)  # packs: encodes from the slot's own tensor
+            hook(entry.node, entry.slot, holder)  # packs: encodes from the slot's own tensor
         except RuntimeError:
-            return  # backward already freed the slot
+            return None  # backward already freed the slot
     else:
-        holder.encode(alias)
-        if storage_references(alias) > _REFERENCES_ALONE:
-            holder.keep_original(alias)  # something else holds the storage: keep it as it is
-            return
-    entry.node = None
-    for tally in entry.tallies:
-        tally.reencode(EncodeWhenUnshared.label, entry.codec.name, holder.nbytes - entry.nbytes)
+        holder.encode(entry.tensor_in(alias))
+    return holder
 
 
-def _baseline_references() -> tuple[int, int]:
-    """A storage's count from an alias in its tensor's death callback: with the stock node's
-    slot holding the tensor's data too (a ReLU's saved output), and alone. Measured, not
-    assumed: releases differ in who counts (the dying tensor, the storage object asked)."""
+def _baseline_references() -> int:
+    """A storage's count from an alias in its tensor's death callback, with nothing else
+    holding it. Measured, not assumed: releases differ in who counts (the dying tensor, the
+    storage object asked)."""
     counts: list[int] = []
-    with torch.enable_grad():
-        tensor = torch.ones(2, requires_grad=True).relu()  # stock: the kernels are not ours yet
-    node = tensor.grad_fn
-    alias = tensor.detach()
-    with_slot = weakref.ref(tensor, lambda _: counts.append(storage_references(alias)))
-    del tensor
     lone = torch.ones(2)
     lone_alias = lone.detach()
     alone = weakref.ref(lone, lambda _: counts.append(storage_references(lone_alias)))
-    del lone, node
-    assert with_slot() is None and alone() is None
-    return counts[0], counts[1]
+    del lone
+    assert alone() is None
+    return counts[0]
 
 
-_REFERENCES_WITH_SLOT, _REFERENCES_ALONE = _baseline_references()
+_REFERENCES_ALONE = _baseline_references()
 
 
 def forget_pending() -> None:
     """Drop the encodings still waiting (the outermost mode of this thread exited)."""
     _pending.by_tensor.clear()
+    _pending.plans.clear()
 
 
 def pending_count() -> int:
@@ -407,6 +260,8 @@ def apply(
         storage = storage_key(tensor, tracing)  # None for a parameter: it outlives the graph
         if storage is not None:
             stock_sizes[storage[0]] = storage[1]
+        if decision is KEEP and storage is not None and not tracing and tensor.requires_grad:
+            decision = _rebuild_or_keep(tensor)
         if decision is KEEP or (tracing and decision is not DROP) or tensor.numel() == 0:
             # (encodings are eager-only: tracing keeps the tensor; an empty one costs nothing)
             if storage is not None:
@@ -419,11 +274,11 @@ def apply(
         # stock checks a saved tensor's version only where no saved-tensor hooks are in play
         origin = Origin.of(tensor, node_name) if user_hooks is None else None
         if decision is DROP:
-            _hook(node, name, _Ghost(origin))
+            hook(node, name, Ghost(origin))
             decided.append(name)
         elif isinstance(decision, Encode):
-            holder = _Encoded(decision.codec, user_hooks, origin)
-            _hook(node, name, holder)
+            holder = Encoded(decision.codec, user_hooks, origin)
+            hook(node, name, holder)
             encoded_bytes += holder.nbytes
             decided.append(name)
         elif isinstance(decision, EncodeWhenUnshared):
@@ -435,9 +290,11 @@ def apply(
             # the tensor can die before the node; anything else it keeps as is, so a
             # deferred holder takes its place now
             if user_hooks is not None or output is None or not tensor.requires_grad:
-                holder = _Encoded(decision.codec, user_hooks, origin, deferred=True)
-                _hook(node, name, holder)
+                holder = Encoded(decision.codec, user_hooks, origin, deferred=True)
+                hook(node, name, holder)
                 decided.append(name)
+            elif not decision.codec.values_exact and has_recipe(node):
+                node.metadata.setdefault(UNSHARED_KEY, set()).add(name)  # no recipe may read it
             waiting.append((tensor, _Pending(node, name, decision.codec, holder, tensor, node_name, tallies, nbytes)))
         else:
             raise _unknown(decision, op, name)
@@ -448,6 +305,18 @@ def apply(
     for tensor, entry in waiting:
         _track(tensor, entry)
     return Outcome(sum(stock_sizes.values()), sum(kept_sizes.values()) + encoded_bytes, labels)
+
+
+def _rebuild_or_keep(tensor: Tensor) -> Decision:
+    """A tensor this node keeps as it is, and that backward could rebuild from what the graph
+    keeps anyway: rebuild it, once unshared (see :mod:`.recipes`)."""
+    grad_fn = tensor.grad_fn if tensor._base is None else tensor._base.grad_fn
+    if grad_fn is None or not has_recipe(grad_fn):
+        return KEEP
+    found = plan(tensor, _pending.plans)
+    if found is None:
+        return KEEP
+    return EncodeWhenUnshared(Rebuild(*found))
 
 
 def _output_index(tensor: Tensor, outputs: tuple) -> int | None:

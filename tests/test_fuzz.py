@@ -19,6 +19,7 @@ from torch import nn
 
 from memsave_dispatch import MemSaveMode
 from tests.support import compare_with_stock, run_once
+from tools.bench.encoders import FINE_TUNING, Config, bert_shaped
 
 settings.register_profile(
     "ci", max_examples=250, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
@@ -400,4 +401,45 @@ _CONSUMERS = {
 
 @given(in_place_changes())
 def test_in_place_change_after_a_handled_call(case):
+    _check(*case)
+
+
+@st.composite
+def encoder_layers(draw):
+    """A small BERT-shaped encoder under a random fine-tuning case, dropout and precision:
+    the kept tensors the recipes rebuild (attention probabilities, LayerNorm and GELU outputs,
+    LoRA inputs) meet every consumer pattern."""
+    config = Config(
+        vocab=50,
+        d=8 * draw(st.integers(1, 3)),
+        heads=draw(st.sampled_from([1, 2])),
+        ff=draw(st.sampled_from([16, 32])),
+        layers=draw(st.integers(1, 2)),
+        dropout=draw(st.sampled_from([0.0, 0.1, 0.5])),
+    )
+    torch.manual_seed(draw(st.integers(0, 2**31 - 1)))
+    model = bert_shaped(config)
+    FINE_TUNING[draw(st.sampled_from(sorted(FINE_TUNING)))](model)
+    for parameter in model.parameters():
+        if parameter.requires_grad and draw(st.integers(0, 9)) == 0:
+            parameter.requires_grad_(False)  # odd patterns too
+    autocast = draw(st.booleans())
+    batch, tokens = draw(st.integers(1, 3)), draw(st.integers(1, 9))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    ids = torch.randint(0, config.vocab, (batch, tokens), generator=generator)
+    mask = (torch.rand(batch, tokens, generator=generator) > 0.2).long()
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    seed = draw(st.integers(0, 2**31 - 1))
+
+    def run(ids, mask, **state):
+        torch.manual_seed(seed)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return torch.func.functional_call(model, state, (ids, mask)).float()
+
+    described = _Named(run, f"{config}, autocast={autocast}, batch {batch} x {tokens}")
+    return described, {"ids": ids, "mask": mask, **params}, tuple(params)
+
+
+@given(encoder_layers())
+def test_encoder_layers(case):
     _check(*case)

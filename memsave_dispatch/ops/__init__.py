@@ -1,5 +1,5 @@
-"""Built-in handlers, one module per operator family. Importing registers them."""
+"""Built-in handlers and recipes, one module per operator family. Importing registers them."""
 
-from . import activations, conv, dropout, linear, norms, pooling
+from . import activations, conv, dropout, elementwise, linear, norms, pooling
 
-__all__ = ["activations", "conv", "dropout", "linear", "norms", "pooling"]
+__all__ = ["activations", "conv", "dropout", "elementwise", "linear", "norms", "pooling"]

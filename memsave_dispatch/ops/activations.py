@@ -1,5 +1,7 @@
 """Activations whose backward reads the saved tensor through one yes/no decision per element:
-one bit per element reproduces every gradient.
+one bit per element reproduces every gradient. And the recipes of smooth activations and
+softmax, whose outputs a later node may keep: GELU and SiLU re-run on the input their node
+keeps; tanh, sigmoid and softmax keep their own output.
 
 Reached by: ``nn.ReLU``/``F.relu`` (``aten.relu``, ``aten.relu_`` with ``inplace=True``),
 ``nn.LeakyReLU`` (``aten.leaky_relu``/``leaky_relu_``), ``nn.Hardtanh``/``nn.ReLU6``/``F.relu6``
@@ -13,13 +15,17 @@ import torch
 
 from ..handlers import (
     KEEP,
+    Attr,
     BitMaskCodec,
     Encode,
     EncodeWhenUnshared,
+    Recipe,
     Saved,
     SavingPolicy,
+    Slot,
     encodings_enabled,
     register_handler,
+    register_recipe,
 )
 
 aten = torch.ops.aten
@@ -155,3 +161,19 @@ def _below(value, dtype) -> float | None:
 def _middle(low, high, dtype) -> float | None:
     middle = torch.tensor((float(low) + float(high)) / 2, dtype=dtype)
     return middle.item() if bool(torch.isfinite(middle)) else None
+
+
+# -- recipes: outputs a later node keeps, rebuilt from what these nodes keep ---------------
+@register_recipe("GeluBackward0")
+def _gelu(node):
+    return Recipe(aten.gelu.default, (Slot("self"),), {"approximate": Attr("approximate")})
+
+
+@register_recipe("SiluBackward0")
+def _silu(node):
+    return Recipe(aten.silu.default, (Slot("self"),))
+
+
+@register_recipe("TanhBackward0", "SigmoidBackward0", "SoftmaxBackward0", "SafeSoftmaxBackward0")
+def _own_output(node):
+    return Recipe(None, (Slot("result"),))

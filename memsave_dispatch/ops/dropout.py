@@ -53,7 +53,7 @@ class Dropout(SavingPolicy):
         noise = outputs[0].grad_fn._saved_other  # the Mul node the composite built
         if not encodings_enabled():
             return {"other": Saved(noise, KEEP)}
-        codec = BitMaskCodec(_is_nonzero, 0.0, _kept_value(noise.dtype, p))
+        codec = BitMaskCodec(_is_nonzero, 0.0, _kept_value(noise.dtype, p), values_exact=True)  # noise is two-valued
         return {"other": Saved(noise, Encode(codec))}
 
 
@@ -61,7 +61,7 @@ def _as_bool(tensor):
     return tensor.clone()
 
 
-_BOOL_MASK = BitMaskCodec(_as_bool, False, True)
+_BOOL_MASK = BitMaskCodec(_as_bool, False, True, values_exact=True)
 
 
 @register_handler(aten.native_dropout.default)

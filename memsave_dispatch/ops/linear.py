@@ -1,8 +1,10 @@
-"""Matrix products that ``nn.Linear`` reaches: ``addmm`` (with bias) and ``mm`` (without).
+"""Matrix products: ``addmm`` and ``mm`` (``nn.Linear`` with and without bias), ``bmm``
+(attention, batched matmul).
 
 Stock autograd already saves per requested gradient here (grad_mat1 needs mat2, grad_mat2
-needs mat1): these keep stock's node untouched, and are handled so that the report counts
-them.
+needs mat1). The handlers keep what stock keeps; an activation kept that backward can rebuild
+from what the graph keeps anyway (a LayerNorm or GELU output, a dropped-out attention
+probability: see ``memsave_dispatch.recipes``) is then dropped once unshared.
 """
 
 from __future__ import annotations
@@ -28,10 +30,6 @@ class Addmm(SavingPolicy):
     family = "linear"
 
     @staticmethod
-    def can_save(bias, mat1, mat2, *_scalars):
-        return not mat2.requires_grad  # otherwise stock keeps mat1, which grad_mat2 needs
-
-    @staticmethod
     def saved(args, outputs):
         return _product_operands(args[1], args[2])
 
@@ -43,8 +41,16 @@ class Mm(SavingPolicy):
     family = "linear"
 
     @staticmethod
-    def can_save(self, mat2):
-        return not mat2.requires_grad
+    def saved(args, outputs):
+        operands = _product_operands(args[0], args[1])
+        return {"self": operands["mat1"], "mat2": operands["mat2"]}
+
+
+@register_handler(aten.bmm.default)
+class Bmm(SavingPolicy):
+    """out = self @ mat2, batched (attention's scores and context)."""
+
+    family = "linear"
 
     @staticmethod
     def saved(args, outputs):

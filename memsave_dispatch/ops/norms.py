@@ -10,7 +10,19 @@ from __future__ import annotations
 
 import torch
 
-from ..handlers import DROP, KEEP, Saved, SavingPolicy, register_handler
+from ..handlers import (
+    DROP,
+    KEEP,
+    Attr,
+    Noted,
+    Recipe,
+    Saved,
+    SavingPolicy,
+    Slot,
+    note,
+    register_handler,
+    register_recipe,
+)
 
 aten = torch.ops.aten
 
@@ -70,18 +82,17 @@ class NativeLayerNorm(SavingPolicy):
 
     grad_x and grad_w need x and the statistics; grad_b = sum(grad) needs nothing. Stock
     keeps x, mean and rstd even when only the bias trains (BitFit): here they go then.
+    Every call is handled, to note its epsilon: a later node that keeps y (a linear layer)
+    can then drop it, and backward re-runs the kernel on what this node keeps.
     (``F.rms_norm`` on CPU is composed of elementwise operators, not one operator.)
     """
 
     family = "norm"
 
     @staticmethod
-    def can_save(input, normalized_shape, weight, *_rest):
-        return not _affine_or_input_needs_grad(input, weight)
-
-    @staticmethod
     def saved(args, outputs):
-        input, _shape, weight, bias = args[:4]
+        input, _shape, weight, bias, eps = args[:5]
+        note(outputs[0].grad_fn, eps=eps)
         return {**_input_and_statistics(input, weight, outputs), "bias": Saved(bias, KEEP)}
 
 
@@ -99,3 +110,11 @@ class NativeGroupNorm(SavingPolicy):
     def saved(args, outputs):
         return _input_and_statistics(args[0], args[1], outputs)
 
+
+
+@register_recipe("NativeLayerNormBackward0")
+def _layer_norm(node):
+    """y, from what the node keeps when x or w needs a gradient (never from mean and rstd by
+    a formula: that differs from the fused kernel in the last bits)."""
+    inputs = (Slot("input"), Attr("normalized_shape"), Slot("weight", optional=True), Slot("bias", optional=True))
+    return Recipe(aten.native_layer_norm.default, (*inputs, Noted("eps")), output=0)

@@ -207,7 +207,9 @@ def set_batchnorm_eval(model: nn.Module) -> None:
 
 
 class LoRA(nn.Module):
-    """A frozen layer plus a trainable low-rank update: ``base(x) + scale * up(down(x))``.
+    """A frozen layer plus a trainable low-rank update: ``base(x) + scale * up(down(drop(x)))``.
+
+    ``dropout`` is PEFT's ``lora_dropout``: each adapter draws its own mask over the input.
 
     For ``nn.Linear``, ``down`` and ``up`` are bias-free linear layers through ``rank``
     features. For ``nn.Conv2d``, ``down`` is a convolution with the base's kernel, stride,
@@ -216,9 +218,10 @@ class LoRA(nn.Module):
     paper, so the wrapped model computes exactly what it computed before.
     """
 
-    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float | None = None) -> None:
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float | None = None, dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base
+        self.drop: nn.Module = nn.Dropout(dropout) if dropout else nn.Identity()
         base.requires_grad_(False)
         if isinstance(base, nn.Linear):
             self.down: nn.Module = nn.Linear(base.in_features, rank, bias=False)
@@ -244,10 +247,10 @@ class LoRA(nn.Module):
         self.scale = (rank if alpha is None else alpha) / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.scale * self.up(self.down(x))
+        return self.base(x) + self.scale * self.up(self.down(self.drop(x)))
 
 
-def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None) -> list[LoRA]:
+def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None, dropout: float = 0.0) -> list[LoRA]:
     """Wrap every ``nn.Linear`` and ``nn.Conv2d`` submodule of ``model`` in place in a :class:`LoRA` of
     the given rank (their weights and biases frozen) and return the wrappers.
 
@@ -264,7 +267,7 @@ def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None) -> lis
             return
         for name, child in module.named_children():
             if isinstance(child, (nn.Linear, nn.Conv2d)):
-                wrapper = LoRA(child, rank, alpha)
+                wrapper = LoRA(child, rank, alpha, dropout)
                 setattr(module, name, wrapper)
                 wrappers.append(wrapper)
             else:

@@ -1,0 +1,380 @@
+"""Recipes: rebuilding a saved tensor in backward from what the graph keeps anyway.
+
+A node often keeps a tensor that backward could recompute exactly from tensors other nodes
+keep anyway: a transformer's dropped-out attention probabilities (the softmax keeps the
+probabilities, the dropout its 1-bit mask), a LoRA branch's dropped-out input (the LayerNorm
+before it keeps its input), the GELU output a linear layer keeps (the GELU keeps its input).
+Re-running the same stock kernel on the same inputs gives the same bits, so such a tensor can
+be dropped and rebuilt when backward unpacks it; the cost is one cheap kernel.
+
+A recipe is registered per autograd node type (:func:`register_recipe`): given a node, it
+says which operator produced the node's output, and from what: the node's saved tensors
+(:class:`Slot`), its inputs, each rebuilt by its own node's recipe (:class:`Input`), the
+node's saved non-tensor attributes (:class:`Attr`), or what a handler noted on the node
+(:class:`Noted`, e.g. the LayerNorm's epsilon, which its node does not keep).
+
+Rules that keep a rebuild exact and never above stock:
+
+- the recipe re-runs the stock operator, never a formula (LayerNorm's output recomputed from
+  mean and rstd differs in the last bits);
+- it reads only slots that give back the very values saved: stock's own, or an encoding whose
+  codec is ``values_exact`` (dropout's noise, two-valued), never a ReLU mask;
+- the slots it reads belong to the producer's nodes, which backward runs after the consumer,
+  so they are still there; reading them runs their own version checks: a tensor a recipe
+  reads that was modified in place raises stock's error;
+- whether to rebuild is decided by the bytes: the consumer's slot waits, like an unshared
+  encoding, until the tensor dies, and drops it only if that frees its storage;
+- if a backward pass runs a producer node first (an auxiliary loss through the trunk frees
+  its slots), the consumer's tensor is rebuilt then and kept, as stock would have kept it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._compat import (
+    OpOverload,
+    no_torch_function,
+    op_short_name,
+    read_saved_slot,
+    saved_slot,
+    saved_slot_names,
+)
+from .codecs import Codec
+from .holders import holder_of
+
+__all__ = [
+    "Slot",
+    "Input",
+    "Attr",
+    "Noted",
+    "OutputDtype",
+    "Recipe",
+    "register_recipe",
+    "unregister_recipe",
+    "note",
+    "plan",
+    "has_recipe",
+    "keeps",
+    "Plan",
+    "Rebuild",
+    "MAX_DEPTH",
+]
+
+
+class Slot(NamedTuple):
+    """A tensor the node saved: ``node._saved_<name>`` (``optional``: may be None, like a
+    LayerNorm's absent weight)."""
+
+    name: str
+    optional: bool = False
+
+
+class Input(NamedTuple):
+    """The node's ``index``-th input, rebuilt by the recipe of the node that produced it."""
+
+    index: int
+
+
+class Attr(NamedTuple):
+    """A non-tensor the node saved: ``node._saved_<name>``."""
+
+    name: str
+
+
+class Noted(NamedTuple):
+    """A value a handler noted on the node with :func:`note` (its node does not keep it)."""
+
+    key: str
+
+
+class OutputDtype(NamedTuple):
+    """The dtype of the tensor being rebuilt (for a cast: ``_to_copy(x, dtype=...)``); known
+    only for the tensor a node keeps, not for the inputs rebuilt on the way."""
+
+
+class Recipe(NamedTuple):
+    """``op(*args, **kwargs)`` (its ``output``-th result for a tuple) is the node's output.
+    ``op=None`` with one ``Slot`` argument: the node keeps its own output there."""
+
+    op: OpOverload | None
+    args: tuple = ()
+    kwargs: dict = {}
+    output: int | None = None
+
+
+RecipeFactory = Callable[[Any], "Recipe | None"]
+_RECIPES: dict[str, RecipeFactory] = {}
+_NOTES_KEY = "memsave_dispatch.noted"
+MAX_DEPTH = 8  # a recipe re-runs at most this many operators in a chain
+
+
+def register_recipe(*node_types: str, override: bool = False) -> Callable[[RecipeFactory], RecipeFactory]:
+    """Decorate ``factory(node) -> Recipe | None``: how the output of a node of these types
+    (``type(grad_fn).__name__``, e.g. ``"GeluBackward0"``) is rebuilt; None where it cannot be
+    (say, for an attribute value the recipe does not cover)."""
+    if not node_types or not all(isinstance(name, str) and name for name in node_types):
+        raise TypeError(
+            f"register_recipe takes autograd node type names such as 'GeluBackward0' "
+            f"(type(tensor.grad_fn).__name__), got {node_types!r}"
+        )
+
+    def decorate(factory: RecipeFactory) -> RecipeFactory:
+        for name in node_types:
+            if name in _RECIPES and not override:
+                raise ValueError(f"{name} already has a recipe; pass override=True to replace it")
+        for name in node_types:
+            _RECIPES[name] = factory
+        return factory
+
+    return decorate
+
+
+def unregister_recipe(node_type: str) -> RecipeFactory:
+    return _RECIPES.pop(node_type)
+
+
+def note(node: Any, **values: Any) -> None:
+    """In a handler: keep values a recipe needs that the node itself does not save."""
+    node.metadata.setdefault(_NOTES_KEY, {}).update(values)
+
+
+# -- binding recipes to a graph ------------------------------------------------------------
+@dataclass(eq=False)
+class _Bound:
+    """A recipe bound to its node, and its inputs' bound recipes."""
+
+    node: Any
+    recipe: Recipe
+    dtype: torch.dtype | None  # of the output, where known
+    inputs: dict[int, _Bound] = field(default_factory=dict)
+
+    def run(self) -> Tensor:
+        recipe = self.recipe
+        args = tuple(self._value(arg) for arg in recipe.args)
+        if recipe.op is None:
+            return args[0]
+        kwargs = {key: self._value(value) for key, value in recipe.kwargs.items()}
+        result = recipe.op(*args, **kwargs)
+        return result if recipe.output is None else result[recipe.output]
+
+    def _value(self, spec: Any) -> Any:
+        if isinstance(spec, Slot):
+            return getattr(self.node, "_saved_" + spec.name)  # unpacks: the slot's own version check
+        if isinstance(spec, Input):
+            return self.inputs[spec.index].run()
+        if isinstance(spec, Attr):
+            return getattr(self.node, "_saved_" + spec.name)
+        if isinstance(spec, Noted):
+            return self.node.metadata[_NOTES_KEY][spec.key]
+        if isinstance(spec, OutputDtype):
+            return self.dtype
+        return spec
+
+    def nodes(self) -> list[Any]:
+        return [self.node, *(node for bound in self.inputs.values() for node in bound.nodes())]
+
+    def describe(self) -> str:
+        name = type(self.node).__name__
+        parts = []
+        for spec in self.recipe.args:
+            if isinstance(spec, Slot):
+                parts.append(f"{name}.{spec.name}")
+            elif isinstance(spec, Input):
+                parts.append(self.inputs[spec.index].describe())
+        if self.recipe.op is None:
+            return parts[0]
+        return f"{op_short_name(self.recipe.op)}({', '.join(parts)})"
+
+
+def _readable(node: Any, slot: Slot) -> bool:
+    """Whether the slot gives back the very values saved, now and later: stock's own (no
+    handler of this library will change it) or a values-exact encoding."""
+    if slot.name not in saved_slot_names(node):
+        return False
+    try:
+        unpack, packed = read_saved_slot(saved_slot(node, slot.name))
+    except RuntimeError:
+        return False
+    if packed is None and unpack is None:
+        return slot.optional  # undefined, or freed by a backward pass: the same to look at
+    holder = holder_of(node, slot.name, unpack)
+    if holder is not None:
+        return holder.values_exact()
+    return unpack is None and slot.name not in node.metadata.get(UNSHARED_KEY, ())
+
+
+#: Where the slots engine notes the slots that wait for their tensor to be unshared (they may
+#: still become an encoding that is not values-exact).
+UNSHARED_KEY = "memsave_dispatch.unshared"
+
+
+def keeps(node: Any, name: str) -> bool:
+    """Whether the node keeps a tensor in slot ``name`` (stock's, or one of this library's
+    holders): for a recipe to choose between reading an operand and rebuilding it."""
+    try:
+        unpack, packed = read_saved_slot(saved_slot(node, name))
+    except RuntimeError:
+        return False
+    return packed is not None or unpack is not None
+
+
+def has_recipe(node: Any) -> bool:
+    return type(node).__name__ in _RECIPES
+
+
+def _bind(node: Any, output_nr: int, dtype: torch.dtype | None, depth: int) -> _Bound | None:
+    if node is None or depth > MAX_DEPTH:
+        return None
+    factory = _RECIPES.get(type(node).__name__)
+    recipe = factory(node) if factory is not None else None
+    if recipe is None or output_nr != 0:
+        return None
+    bound = _Bound(node, recipe, dtype)
+    specs = (*recipe.args, *recipe.kwargs.values())
+    for spec in specs:
+        if isinstance(spec, Slot) and not _readable(node, spec):
+            return None
+        if isinstance(spec, OutputDtype) and dtype is None:
+            return None
+        if isinstance(spec, Noted) and spec.key not in node.metadata.get(_NOTES_KEY, {}):
+            return None
+        if isinstance(spec, Input):
+            edges = node.next_functions
+            if spec.index >= len(edges) or edges[spec.index][0] is None:
+                return None
+            child = _bind(edges[spec.index][0], edges[spec.index][1], None, depth + 1)
+            if child is None:
+                return None
+            bound.inputs[spec.index] = child
+    if recipe.op is None and not (len(recipe.args) == 1 and isinstance(recipe.args[0], Slot)):
+        return None
+    return bound
+
+
+class Plan:
+    """How to rebuild one saved tensor: its base's bound recipe and, for a view, where the
+    view lies in the base. Consumers of one base share the plan: the first unpack of a
+    backward pass rebuilds the base, the others reuse it."""
+
+    def __init__(self, base: _Bound, dtype: torch.dtype, base_shape: torch.Size) -> None:
+        self.base, self.dtype, self.base_shape = base, dtype, base_shape
+        self._users = 0  # consumers that will unpack it
+        self._cached: Tensor | None = None
+
+    def expect(self) -> None:
+        self._users += 1
+
+    def forget(self) -> None:
+        self._users = max(0, self._users - 1)
+        if self._users == 0:
+            self._cached = None
+
+    def run_base(self) -> Tensor:
+        cached = self._cached
+        if cached is None:
+            with torch.no_grad(), _autocast_off(), no_torch_function():
+                cached = self.base.run()
+            if cached.dtype != self.dtype or cached.shape != self.base_shape:
+                raise RuntimeError(
+                    f"memsave_dispatch: rebuilding {self.base.describe()} gave {cached.dtype} "
+                    f"{tuple(cached.shape)}, not the {self.dtype} {tuple(self.base_shape)} saved; a "
+                    f"recipe registered for {type(self.base.node).__name__} is wrong"
+                )
+            if self._users > 1:
+                self._cached = cached
+        self.forget()
+        return cached
+
+    def describe(self) -> str:
+        return self.base.describe()
+
+    def nodes(self) -> list[Any]:
+        return self.base.nodes()
+
+
+class _autocast_off:
+    """Rebuild with autocast off: the casts forward made are in the graph (ToCopy nodes)."""
+
+    def __enter__(self) -> None:
+        self._contexts = [torch.autocast(kind, enabled=False) for kind in ("cpu", "cuda") if _autocast_known(kind)]
+        for context in self._contexts:
+            context.__enter__()
+
+    def __exit__(self, *exc_info) -> None:
+        for context in reversed(self._contexts):
+            context.__exit__(*exc_info)
+
+
+def _autocast_known(kind: str) -> bool:
+    return kind == "cpu" or torch.cuda.is_available()
+
+
+def plan(tensor: Tensor, share: dict[int, Plan] | None = None) -> tuple[Plan, tuple | None] | None:
+    """A plan to rebuild ``tensor`` (and, for a view, its place in its base), or None.
+    ``share`` maps id(base) to a plan already made for it."""
+    base = tensor._base if tensor._base is not None else tensor
+    geometry = None if base is tensor else (tensor.shape, tensor.stride(), tensor.storage_offset())
+    found = share.get(id(base)) if share is not None else None
+    if found is None:
+        bound = _bind(base.grad_fn, base.output_nr, base.dtype, 0)
+        if bound is None:
+            return None
+        found = Plan(bound, base.dtype, base.shape)
+        if share is not None:
+            share[id(base)] = found
+    return found, geometry
+
+
+class Rebuild(Codec):
+    """Keeps nothing; decodes by re-running the recipe (then the view, for a view)."""
+
+    name = "rebuilt"
+    values_exact = True
+
+    def __init__(self, plan: Plan, geometry: tuple | None) -> None:
+        self.plan, self.geometry = plan, geometry
+        self._watched = False
+
+    def encode(self, tensor: Tensor) -> tuple[tuple[Tensor, ...], object]:
+        self.plan.expect()
+        return (), None
+
+    def decode(self, kept: tuple[Tensor, ...], meta: object) -> Tensor:
+        self._watched = False  # unpacked (or materialized): nothing to watch for any more
+        base = self.plan.run_base()
+        return base if self.geometry is None else base.as_strided(*self.geometry)
+
+    def forget(self, meta: object) -> None:
+        self.plan.forget()
+
+    def describe(self, meta: object) -> str:
+        return f"rebuilt: {self.plan.describe()}"
+
+    def commit(self, meta: object, materialize: Callable[[Tensor], None]) -> None:
+        """The slot dropped its tensor. If a backward pass runs one of the recipe's nodes
+        before the consumer unpacked it (their slots would be freed), rebuild it then and
+        ``materialize`` it (the consumer keeps it, as stock would have)."""
+        if self._watched:
+            return
+        self._watched = True
+        handles: list = []
+        reference = weakref.ref(self)
+
+        def before_producer_runs(_grad_outputs):
+            codec = reference()
+            for handle in handles:
+                handle.remove()
+            handles.clear()
+            if codec is not None and codec._watched:
+                codec._watched = False
+                materialize(codec.decode((), None))
+
+        for node in self.plan.nodes():
+            handles.append(node.register_prehook(before_producer_runs))
