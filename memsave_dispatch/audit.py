@@ -38,6 +38,7 @@ from ._compat import (
     SAVED_SLOTS_READABLE,
     autograd_function_of,
     is_wrapped_number,
+    next_sequence_nr,
     node_sequence_nr,
     read_saved_slot,
     saved_slot,
@@ -329,34 +330,33 @@ def _module_totals(attributed: Iterable[tuple[str | None, int]], root: str | Non
 def track_modules(model: nn.Module) -> Iterator[None]:
     """Record, in each autograd node built inside, the innermost module whose forward built it.
 
-    Each module's forward-pre hook notes the nodes its inputs come from; its forward hook
-    walks back from its outputs to those and labels the nodes in between (innermost modules
-    finish first, so they label first). The label lives in the node's ``metadata``, so it
-    dies with the graph. Costs a few microseconds per node: for audits, not for training.
+    Each module's forward-pre hook notes the nodes its inputs come from and where the node
+    numbering stands; its forward hook walks back from its outputs, through the nodes its
+    forward built (inner modules' included), and labels those no inner module labelled
+    (innermost modules finish first, so they label first). The label lives in the node's
+    ``metadata``, so it dies with the graph. Costs a few microseconds per node: for audits,
+    not for training.
     """
-    boundaries: list[tuple[list, set[int]]] = []  # per running forward: its input nodes
+    boundaries: list[tuple[set[int], int]] = []  # per running forward: its input nodes, first node number
 
     def before(module, args, kwargs):
-        inputs = [t.grad_fn for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor) and t.grad_fn is not None]
-        boundaries.append((inputs, {id(node) for node in inputs}))
+        inputs = {id(t.grad_fn) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor) and t.grad_fn is not None}
+        boundaries.append((inputs, next_sequence_nr()))
 
     def after(name: str):
         def hook(module, args, kwargs, output):
-            _inputs, stop = boundaries.pop()
-            roots = [t.grad_fn for t in tree_leaves(output) if isinstance(t, Tensor) and t.grad_fn is not None]
-            stack, visited, seen = roots, [], set()
+            stop, first = boundaries.pop()
+            stack = [t.grad_fn for t in tree_leaves(output) if isinstance(t, Tensor) and t.grad_fn is not None]
+            visited, seen = [], set()
             while stack:
                 node = stack.pop()
                 if id(node) in stop or id(node) in seen:
                     continue
                 seen.add(id(node))
                 visited.append(node)  # ids stay unique while the wrappers live
-                if type(node).__name__ == "AccumulateGrad":
-                    continue  # a leaf's node, shared by every graph using it: keeps nothing
-                metadata = node.metadata
-                if _MODULE_KEY in metadata:
-                    continue  # built by an inner module, or earlier
-                metadata[_MODULE_KEY] = name
+                if type(node).__name__ == "AccumulateGrad" or node_sequence_nr(node) < first:
+                    continue  # a leaf's node (keeps nothing), or built before this forward
+                node.metadata.setdefault(_MODULE_KEY, name)  # an inner module's label stays
                 stack.extend(n for n, _ in node.next_functions if n is not None)
 
         return hook

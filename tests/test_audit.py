@@ -12,6 +12,7 @@ from torch import nn
 from memsave_dispatch import MemSaveMode, audit, track_modules
 from memsave_dispatch._compat import SAVED_SLOTS_READABLE
 from memsave_dispatch.report import format_bytes, render_text
+from tools.bench.encoders import FINE_TUNING, Config, bert_shaped
 from tests.support import HookMeter
 from tools.bench.models import SmallConvNet, freeze, resnet18, set_batchnorm_eval, transformer_encoder
 
@@ -173,3 +174,18 @@ def test_audit_tables_read_whole_in_an_ordinary_terminal(width):
     for module, nbytes in result.modules.items():
         if module.count(".") == 0:
             assert any(module in line and format_bytes(nbytes) in line for line in lines), module
+
+
+def test_every_byte_of_an_encoder_belongs_to_a_module():
+    """Attention's scores, softmax and mask add run in no submodule of their own but between
+    two (the projections and the dropout): they belong to the attention module, not outside."""
+    torch.manual_seed(0)
+    model = bert_shaped(Config(vocab=50, d=16, heads=2, ff=32, layers=2))
+    FINE_TUNING["bias"](model)
+    ids = torch.randint(0, 50, (2, 8))
+    with track_modules(model):
+        out = model(ids)
+    result = audit(out, model=model)
+    assert "(outside any module)" not in result.modules
+    attention = "bert.encoder.layer.0.attention.self"
+    assert result.modules[attention] > result.modules.get(f"{attention}.dropout", 0)
