@@ -343,10 +343,10 @@ def _inplace_error_form(anomaly: bool) -> _InplaceErrorForm:
     with torch.enable_grad(), warnings.catch_warnings(), torch.autograd.set_detect_anomaly(anomaly):
         warnings.simplefilter("ignore")  # anomaly mode warns with the forward's traceback
         leaf = torch.ones(1, requires_grad=True)
-        saved = leaf.exp()
-        out = saved.exp()  # ExpBackward0 keeps its output
-        saved.add_(0)
+        saved = leaf.exp()  # its ExpBackward0 keeps its output: the message names that node
         node_name = saved.grad_fn.name()
+        out = saved.exp()
+        saved.add_(0)
         try:
             out.backward()
         except RuntimeError as error:

@@ -337,15 +337,17 @@ def track_modules(model: nn.Module) -> Iterator[None]:
     ``metadata``, so it dies with the graph. Costs a few microseconds per node: for audits,
     not for training.
     """
-    boundaries: list[tuple[set[int], int]] = []  # per running forward: its input nodes, first node number
+    # per running forward: its input nodes (alive, so that their ids stay theirs), their ids,
+    # and the number its first node gets
+    boundaries: list[tuple[list, set[int], int]] = []
 
     def before(module, args, kwargs):
-        inputs = {id(t.grad_fn) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor) and t.grad_fn is not None}
-        boundaries.append((inputs, next_sequence_nr()))
+        inputs = [t.grad_fn for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor) and t.grad_fn is not None]
+        boundaries.append((inputs, {id(node) for node in inputs}, next_sequence_nr()))
 
     def after(name: str):
         def hook(module, args, kwargs, output):
-            stop, first = boundaries.pop()
+            _inputs, stop, first = boundaries.pop()
             stack = [t.grad_fn for t in tree_leaves(output) if isinstance(t, Tensor) and t.grad_fn is not None]
             visited, seen = [], set()
             while stack:

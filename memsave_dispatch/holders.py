@@ -21,12 +21,19 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._compat import SAVED_SLOTS_READABLE, Hooks, modified_in_place_error, no_torch_function, saved_slot
+from ._compat import (
+    SAVED_SLOTS_READABLE,
+    Hooks,
+    modified_in_place_error,
+    no_torch_function,
+    read_saved_slot,
+    saved_slot,
+)
 from .codecs import Codec
 from .decisions import DROP, EncodeWhenUnshared
 from .ghosts import TensorLayout, ghost_like
 
-__all__ = ["Origin", "Ghost", "Encoded", "hook", "holder_of", "describe_holder"]
+__all__ = ["Origin", "Ghost", "Encoded", "hook", "holder_of", "describe_holder", "inspect_slot", "SlotState"]
 
 
 # -- how stock would report an in-place change -------------------------------------------
@@ -199,6 +206,34 @@ def holder_of(node: Any, name: str, unpack_hook: Any = None) -> Ghost | Encoded 
         return holder if isinstance(holder, (Ghost, Encoded)) else None
     reference = node.metadata.get(_HOLDERS_KEY, {}).get(name) if not SAVED_SLOTS_READABLE else None
     return None if reference is None else reference()
+
+
+class SlotState(NamedTuple):
+    """What a saved slot holds, looked at without decoding anything of this library's."""
+
+    holder: Ghost | Encoded | None  # this library's, if it changed the slot
+    user_hooks: bool  # packed by saved-tensor hooks other than this library's
+    defined: bool  # holds a tensor (False: an undefined optional tensor, or freed by backward)
+
+
+def inspect_slot(node: Any, name: str) -> SlotState:
+    """The state of slot ``name``. Before torch 2.13 a slot cannot be read in place: this
+    library's holders are found through the node's metadata, any other slot is unpacked."""
+    if SAVED_SLOTS_READABLE:
+        try:
+            unpack, packed = read_saved_slot(saved_slot(node, name))
+        except RuntimeError:
+            return SlotState(None, False, False)
+        holder = holder_of(node, name, unpack)
+        return SlotState(holder, unpack is not None and holder is None, packed is not None or unpack is not None)
+    holder = holder_of(node, name)
+    if holder is not None:
+        return SlotState(holder, False, True)
+    try:
+        value = getattr(node, "_saved_" + name)
+    except RuntimeError:  # freed by a backward pass
+        return SlotState(None, False, False)
+    return SlotState(None, False, value is not None)
 
 
 def describe_holder(holder: Ghost | Encoded) -> tuple[str, tuple]:

@@ -42,12 +42,10 @@ from ._compat import (
     OpOverload,
     no_torch_function,
     op_short_name,
-    read_saved_slot,
-    saved_slot,
     saved_slot_names,
 )
 from .codecs import Codec
-from .holders import holder_of
+from .holders import inspect_slot
 
 __all__ = [
     "Slot",
@@ -198,16 +196,12 @@ def _readable(node: Any, slot: Slot) -> bool:
     handler of this library will change it) or a values-exact encoding."""
     if slot.name not in saved_slot_names(node):
         return False
-    try:
-        unpack, packed = read_saved_slot(saved_slot(node, slot.name))
-    except RuntimeError:
-        return False
-    if packed is None and unpack is None:
+    state = inspect_slot(node, slot.name)
+    if not state.defined:
         return slot.optional  # undefined, or freed by a backward pass: the same to look at
-    holder = holder_of(node, slot.name, unpack)
-    if holder is not None:
-        return holder.values_exact()
-    return unpack is None and slot.name not in node.metadata.get(UNSHARED_KEY, ())
+    if state.holder is not None:
+        return state.holder.values_exact()
+    return not state.user_hooks and slot.name not in node.metadata.get(UNSHARED_KEY, ())
 
 
 #: Where the slots engine notes the slots that wait for their tensor to be unshared (they may
@@ -218,11 +212,7 @@ UNSHARED_KEY = "memsave_dispatch.unshared"
 def keeps(node: Any, name: str) -> bool:
     """Whether the node keeps a tensor in slot ``name`` (stock's, or one of this library's
     holders): for a recipe to choose between reading an operand and rebuilding it."""
-    try:
-        unpack, packed = read_saved_slot(saved_slot(node, name))
-    except RuntimeError:
-        return False
-    return packed is not None or unpack is not None
+    return inspect_slot(node, name).defined
 
 
 def has_recipe(node: Any) -> bool:
