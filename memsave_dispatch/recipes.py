@@ -306,20 +306,18 @@ def _autocast_known(kind: str) -> bool:
     return kind == "cpu" or torch.cuda.is_available()
 
 
-def plan(tensor: Tensor, share: dict[int, Plan] | None = None) -> tuple[Plan, tuple | None] | None:
+def plan(tensor: Tensor, made: Plan | None = None) -> tuple[Plan, tuple | None] | None:
     """A plan to rebuild ``tensor`` (and, for a view, its place in its base), or None.
-    ``share`` maps id(base) to a plan already made for it."""
+    ``made``: the plan another consumer of the same base already has (shared, so that one
+    rebuild serves them all)."""
     base = tensor._base if tensor._base is not None else tensor
     geometry = None if base is tensor else (tensor.shape, tensor.stride(), tensor.storage_offset())
-    found = share.get(id(base)) if share is not None else None
-    if found is None:
+    if made is None:
         bound = _bind(base.grad_fn, base.output_nr, base.dtype, 0)
         if bound is None:
             return None
-        found = Plan(bound, base.dtype, base.shape)
-        if share is not None:
-            share[id(base)] = found
-    return found, geometry
+        made = Plan(bound, base.dtype, base.shape)
+    return made, geometry
 
 
 class Rebuild(Codec):

@@ -40,7 +40,7 @@ from ._compat import (
 )
 from .decisions import DROP, KEEP, Decision, Encode, EncodeWhenUnshared, Saved
 from .holders import Encoded, Ghost, Origin, hook
-from .recipes import UNSHARED_KEY, Plan, Rebuild, has_recipe, plan
+from .recipes import UNSHARED_KEY, Rebuild, has_recipe, plan
 from .storage import storage_key
 
 __all__ = [
@@ -81,40 +81,46 @@ class _Tracked:
     tensor holds it too) so that the encodings can read it and tell, once the tensor is gone,
     whether anything else still holds it."""
 
-    __slots__ = ("ref", "alias", "entries")
+    __slots__ = ("ref", "alias", "entries", "plan")
 
 
 class _ThreadPending(threading.local):
     def __init__(self) -> None:
         self.by_tensor: dict[int, _Tracked] = {}
-        self.plans: dict[int, Plan] = {}  # id(tensor) -> its rebuild plan, while it waits
 
 
 _pending = _ThreadPending()
+
+
+def _tracked(base: Tensor) -> _Tracked | None:
+    tracked = _pending.by_tensor.get(id(base))
+    return tracked if tracked is not None and tracked.ref() is base else None
 
 
 def _track(tensor: Tensor, entry: _Pending) -> None:
     """Wait for ``tensor`` (for a view, its base: the view often dies first) to die."""
     if tensor._base is not None:
         tensor = tensor._base
-    table = _pending.by_tensor
-    key = id(tensor)
-    tracked = table.get(key)
-    if tracked is None or tracked.ref() is not tensor:
+    tracked = _tracked(tensor)
+    if tracked is None:
+        table = _pending.by_tensor
+        key = id(tensor)
         tracked = _Tracked()
         # the callback captures this thread's table: the tensor may die in another thread
         tracked.ref = weakref.ref(tensor, lambda _ref, key=key, table=table: _died(table, key))
         tracked.alias = tensor.detach()
         tracked.entries = []
+        tracked.plan = None
         table[key] = tracked
     tracked.entries.append(entry)
+    if isinstance(entry.codec, Rebuild):
+        tracked.plan = entry.codec.plan  # the next consumer of the tensor rebuilds it alike
 
 
 def _died(table: dict[int, _Tracked], key: int) -> None:
     """The tensor is gone: encode every slot that waited for it, and keep the encodings only
     if nothing else holds its storage then (the storage is freed only when all let go)."""
     tracked = table.pop(key, None)
-    _pending.plans.pop(key, None)
     if tracked is None:
         return
     alias, tracked.alias = tracked.alias, None
@@ -180,7 +186,6 @@ _REFERENCES_ALONE = _baseline_references()
 def forget_pending() -> None:
     """Drop the encodings still waiting (the outermost mode of this thread exited)."""
     _pending.by_tensor.clear()
-    _pending.plans.clear()
 
 
 def pending_count() -> int:
@@ -310,10 +315,12 @@ def apply(
 def _rebuild_or_keep(tensor: Tensor) -> Decision:
     """A tensor this node keeps as it is, and that backward could rebuild from what the graph
     keeps anyway: rebuild it, once unshared (see :mod:`.recipes`)."""
-    grad_fn = tensor.grad_fn if tensor._base is None else tensor._base.grad_fn
+    base = tensor if tensor._base is None else tensor._base
+    grad_fn = base.grad_fn
     if grad_fn is None or not has_recipe(grad_fn):
         return KEEP
-    found = plan(tensor, _pending.plans)
+    tracked = _tracked(base)
+    found = plan(tensor, None if tracked is None else tracked.plan)
     if found is None:
         return KEEP
     return EncodeWhenUnshared(Rebuild(*found))
