@@ -22,6 +22,7 @@ Register globally with :func:`register_handler`, or for one mode only with
 from __future__ import annotations
 
 from .authoring import (
+    CPU_AND_CUDA,
     Handler,
     OutputsToCaller,
     SavingPolicy,
@@ -35,6 +36,7 @@ from .decisions import DROP, KEEP, Decision, Encode, EncodeWhenUnshared, Saved
 from .registry import RegistrationError, register_handler, registered_ops, unregister_handler
 
 __all__ = [
+    "CPU_AND_CUDA",
     "SavingPolicy",
     "Handler",
     "Saved",
