@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..handlers import KEEP, Saved, SavingPolicy, register_handler
+from ..handlers import CPU_AND_CUDA, KEEP, Saved, SavingPolicy, register_handler
 
 aten = torch.ops.aten
 
@@ -26,6 +26,7 @@ class Addmm(SavingPolicy):
     """out = beta * bias + alpha * mat1 @ mat2 (``nn.Linear`` with bias, any leading dims)."""
 
     family = "linear"
+    devices = CPU_AND_CUDA
 
     @staticmethod
     def can_save(bias, mat1, mat2, *_scalars):
@@ -41,6 +42,7 @@ class Mm(SavingPolicy):
     """out = self @ mat2 (``nn.Linear`` without bias). Stock names the slots self/mat2."""
 
     family = "linear"
+    devices = CPU_AND_CUDA
 
     @staticmethod
     def can_save(self, mat2):
