@@ -72,13 +72,53 @@ def tables(results: dict[str, Any]) -> list[Any]:
     return out
 
 
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def _ratio_or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _exactness(cell: dict[str, Any] | None) -> str:
+    if cell is None or cell.get("error"):
+        return "error" if cell else "-"
+    if cell["exact"] == "within tol":
+        return f"within tol ({cell['max_rel_diff']:.0e})"
+    return cell["exact"] or "-"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The README's benchmark table: one line per model x case, the four columns side by side
+    (MiB, time ratios against each column's baseline, gradient exactness); "-" where a column
+    was not run."""
+    keys = [column.key for column in COLUMNS]
+    lines = [
+        "| model | case | kept: eager / mode / compile / compile + mode (MiB) | peak: eager / mode / compile / "
+        "compile + mode (MiB) | time: stock step; mode vs eager, compile vs eager, compile + mode vs compile | "
+        "gradients: mode / compile / compile + mode |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        cells = [row["columns"].get(key) for key in keys]
+        kept = " / ".join(_mib(cell and cell["kept_bytes"]) for cell in cells)
+        peak = " / ".join(_mib(cell and cell["peak_bytes"]) for cell in cells)
+        stock_ms = cells[0] and cells[0]["step_ms"]
+        ratios = ", ".join(_ratio_or_dash(cell and cell["time_ratio"]) for cell in cells[1:])
+        time = f"{stock_ms:.0f} ms; {ratios}" if stock_ms is not None else ratios
+        gradients = " / ".join(_exactness(cell) for cell in cells[1:])
+        lines.append(f"| {row['model']} | {row['case_label']} | {kept} | {peak} | {time} | {gradients} |")
+    return "\n".join(lines)
+
+
 def caption(config: dict[str, Any]) -> str:
     """What the figures mean and how they were measured."""
     text = (
         f"kept: bytes kept for backward after the forward pass (model state excluded). "
         f"peak: max allocation above the step's start over forward + backward + optimizer step "
         f"({config['peak_method']}). time: median of per-round step-time ratios over "
-        f"{config['pairs']} interleaved rounds (stock eager: median step time). Ratios and "
+        f"{config['pairs']} interleaved rounds ({config.get('time_method', 'wall clock')}; stock eager: "
+        f"median step time). Ratios and "
         f"exactness: MemSaveMode columns against the same execution without the mode, "
         f"torch.compile against stock eager; gradients compared as raw bits "
         f"(bit-identical; eager MemSaveMode must be) or, for torch.compile, a relative L2 error of "
