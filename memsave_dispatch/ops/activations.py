@@ -18,15 +18,7 @@ import functools
 import torch
 
 from ..handlers import (
-    CPU_AND_CUDA,
-    KEEP,
-    BitMaskCodec,
-    Encode,
-    EncodeWhenUnshared,
-    Saved,
-    SavingPolicy,
-    encodings_enabled,
-    register_handler,
+    CPU_AND_CUDA, KEEP, BitMaskCodec, Encode, EncodeWhenUnshared, Saved, SavingPolicy, encodings_enabled, register_handler,
 )
 
 aten = torch.ops.aten
