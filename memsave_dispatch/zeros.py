@@ -118,8 +118,13 @@ class MappedZeroGranule(ZeroSource):
         return self.granule.read_only
 
     def _region(self, nbytes: int) -> Tensor:
-        pointer, size = self.granule.map_region(nbytes)
-        return tensor_over(pointer, size, self.device)
+        try:
+            pointer, size = self.granule.map_region(nbytes)
+            return tensor_over(pointer, size, self.device)
+        except DriverError:
+            raise
+        except Exception as error:  # ctypes or DLPack refusing: fall back all the same
+            raise DriverError(f"mapping zero memory failed: {type(error).__name__}: {error}") from error
 
     def _fill_zeros(self, pointer: int, nbytes: int) -> None:
         """Once per GPU, when the granule is made: zero it and wait (it is read from any stream)."""

@@ -209,3 +209,17 @@ def test_use_allocated_zeros_replaces_the_devices_source(monkeypatch):
         zeros.use_allocated_zeros("cpu")
     zeros.zero_view(torch.device("cpu"), torch.uint8, 10)
     assert zeros.describe()["cpu"]["source"] == AllocatedZeros.name
+
+
+def test_any_failure_to_map_falls_back(monkeypatch):
+    """Not only driver errors: ctypes or DLPack refusing the mapping falls back the same way."""
+    device = torch.device("cpu", 2)
+    monkeypatch.setitem(zeros._sources, device, CpuMappedZeroGranule(device, driver=StandInDriver()))
+
+    def refuse(pointer, nbytes, device):
+        raise RuntimeError("DLPack refused")
+
+    monkeypatch.setattr(zeros, "tensor_over", refuse)
+    with pytest.warns(UserWarning, match="DLPack refused"):
+        ghost = zeros.zero_view(device, torch.float32, 4096)
+    assert not ghost.any() and isinstance(zeros._sources[device], AllocatedZeros)
