@@ -25,7 +25,7 @@ __all__ = ["MemSaveMode", "VERIFIED_DEVICES"]
 OpSelector = Union[OpOverload, OpOverloadPacket, str, type]
 VERIFIED_DEVICES = frozenset({"cpu"})
 #: The one run that verifies a GPU (and writes docs/gpu-results.json and .md).
-VERIFY_COMMAND = "timeout 480 python tools/gpu_check.py"
+VERIFY_COMMAND = "timeout 360 python tools/gpu_check.py"
 
 
 class MemSaveMode(TorchFunctionMode):
