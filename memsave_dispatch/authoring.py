@@ -32,6 +32,7 @@ from .ghosts import TensorLayout
 from .state import outputs_held
 
 __all__ = [
+    "CPU_AND_CUDA",
     "SavingPolicy",
     "Handler",
     "OutputsToCaller",
@@ -50,11 +51,17 @@ class OutputsToCaller(NamedTuple):
     when: str | None = None  # or when this keyword argument is true ("return_indices")
 
 
+CPU_AND_CUDA: frozenset[str] = frozenset({"cpu", "cuda"})
+"""``devices`` of a handler written for both (the built-in ones): it assumes nothing of the
+CPU's kernels, and its encodings run on the tensor's device without reading values back."""
+
+
 class _HandlerBase:
     family: ClassVar[str] = "custom"
     """A name to select handlers by (``MemSaveMode(include=["conv"])``); any string."""
     devices: ClassVar[frozenset[str]] = frozenset({"cpu"})
-    """Device types whose calls this handler takes; others run stock."""
+    """Device types whose calls this handler takes; others run stock (``CPU_AND_CUDA`` for
+    both). A mode also takes only the devices it was given."""
     unsupported: ClassVar[Callable[..., str | None] | None] = None
     """``unsupported(*args) -> str | None``: a reason to leave this call to stock PyTorch
     (counted in the report), or None to handle it."""

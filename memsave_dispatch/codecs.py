@@ -8,6 +8,11 @@ stock's bit for bit.
   one bit each.
 - :class:`WindowOffsetCodec`: max pooling's argmax indices as offsets inside their pooling
   window, one byte or two bits each.
+
+Encoding and decoding run on the tensor's own device and never read a value back to the host
+(no ``.item()``, ``nonzero`` or ``unique`` on it), so on a GPU they never wait for it. What
+they look values up in (bit tables, pooling windows) is made once per device: tables with
+that device's own kernels, windows on the CPU (pure geometry) and copied over once.
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ class BitMask(NamedTuple):
         return _gather_bits(flat.view(torch.int64)), BitMask(mask.shape, mask.stride(), numel)
 
     def lookup(self, bits: Tensor, table: Tensor) -> Tensor:
-        """Every bit through ``table`` (256 x 8: the eight values of each byte pattern), laid
-        out like the packed mask: one gather per byte of bits, no per-bit arithmetic.
+        """Every bit through ``table`` (256 x 8, on the bits' device: the eight values of each
+        byte pattern), laid out like the packed mask: one gather per byte of bits, no per-bit
+        arithmetic.
 
         Three operator calls: in a training step caches are cold between layers and every call
         costs tens of microseconds, more than a leaner gather would save."""
@@ -64,11 +70,11 @@ class BitMask(NamedTuple):
 
     def unpack(self, bits: Tensor) -> Tensor:
         """The bool mask itself."""
-        return self.lookup(bits, _BIT_VALUES[torch.bool])
+        return self.lookup(bits, two_value_table(torch.bool, False, True, bits.device))
 
     def bytes(self, bits: Tensor) -> Tensor:
         """Every bit as a 0/1 byte, laid out like the mask."""
-        return self.lookup(bits, _BIT_VALUES[torch.uint8])
+        return self.lookup(bits, two_value_table(torch.uint8, 0, 1, bits.device))
 
 
 def gather_bits_by_shifts(words: Tensor) -> Tensor:
@@ -83,13 +89,16 @@ def gather_bits_by_shifts(words: Tensor) -> Tensor:
 def gather_bits_by_multiply(words: Tensor) -> Tensor:
     """Same in fewer passes: one multiply lines the eight bits up in the top byte, shifted
     down and kept. In place (``words`` is scratch). Relies on int64 products wrapping around
-    and on the byte order; both are checked once at import."""
+    and on little-endian bytes: checked once at import on the CPU; GPUs wrap and are
+    little-endian too (``tools/gpu_check.py`` checks it on CUDA)."""
     return words.mul_(0x0102040810204080).bitwise_right_shift_(56).to(torch.uint8)
 
 
-def byte_patterns() -> Tensor:
-    """256 x 8 uint8: entry [byte, j] is bit j of ``byte``."""
-    return torch.tensor([[(byte >> j) & 1 for j in range(8)] for byte in range(256)], dtype=torch.uint8)
+def byte_patterns(device: torch.device | str = "cpu") -> Tensor:
+    """256 x 8 uint8: entry [byte, j] is bit j of ``byte``, made by ``device``'s own kernels
+    (no copy from the host)."""
+    every_byte = torch.arange(256, device=device)
+    return ((every_byte.unsqueeze(1) >> torch.arange(8, device=device)) & 1).to(torch.uint8)
 
 
 def _pick_gather() -> Callable[[Tensor], Tensor]:
@@ -100,16 +109,6 @@ def _pick_gather() -> Callable[[Tensor], Tensor]:
     return gather_bits_by_shifts
 
 
-def _bit_values(dtype: torch.dtype) -> Tensor:
-    """256 x 8 table: entry [byte, j] is 1 if bit j of ``byte`` is set, else 0, in ``dtype``."""
-    return byte_patterns().to(dtype)
-
-
-# Built at import: a table first built while torch.compile traces would be a fake tensor.
-_BIT_VALUES = {
-    dtype: _bit_values(dtype)
-    for dtype in (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
-}
 _gather_bits = _pick_gather()
 
 
@@ -172,16 +171,21 @@ class BitMaskCodec(Codec):
 
     def decode(self, kept: tuple[Tensor, ...], meta: object) -> Tensor:
         mask, dtype = meta
-        return mask.lookup(kept[0], two_value_table(dtype, self.low, self.high))
+        bits = kept[0]
+        return mask.lookup(bits, two_value_table(dtype, self.low, self.high, bits.device))
 
 
-def two_value_table(dtype: torch.dtype, low: float, high: float) -> Tensor:
-    """256 x 8 table: entry [byte, j] is ``high`` if bit j of ``byte`` is set, else ``low``."""
-    key = _table_key(dtype, low, high)
+def two_value_table(dtype: torch.dtype, low: float, high: float, device: torch.device | str = "cpu") -> Tensor:
+    """256 x 8 table on ``device``: entry [byte, j] is ``high`` if bit j of ``byte`` is set, else
+    ``low``. Made once per device, by its own kernels."""
+    device = torch.device(device)
+    key = (*_table_key(dtype, low, high), device)
     table = _TWO_VALUE_TABLES.get(key)
     if table is None:
-        bits = _BIT_VALUES[torch.bool]
-        table = torch.where(bits, torch.tensor(high, dtype=dtype), torch.tensor(low, dtype=dtype))
+        bits = _TWO_VALUE_TABLES.get((*_table_key(torch.bool, False, True), device))
+        if bits is None:
+            bits = byte_patterns(device).bool()
+        table = torch.full(bits.shape, low, dtype=dtype, device=device).masked_fill_(bits, high)
         _TWO_VALUE_TABLES[key] = table
     return table
 
@@ -191,29 +195,41 @@ def _table_key(dtype: torch.dtype, low: float, high: float) -> tuple:
     return dtype, low, high, math.copysign(1.0, low), math.copysign(1.0, high)
 
 
-# Built at import for the common pairs: a table first built while torch.compile traces would be
-# a fake tensor (encodings are not made while tracing, so the others are safe to build lazily).
-_TWO_VALUE_TABLES: dict[tuple, Tensor] = {_table_key(dtype, 0.0, 1.0): table for dtype, table in _BIT_VALUES.items()}
+# The CPU's 0/1 tables are built at import: a table first built while torch.compile traces would
+# be a fake tensor. (Encodings are never made while tracing, so the others are built lazily, in
+# eager code: other pairs, other devices.)
+_TWO_VALUE_TABLES: dict[tuple, Tensor] = {}
+for _dtype in (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    two_value_table(_dtype, 0, 1)
+del _dtype
 
 
 # -- max pooling: argmax indices as window offsets -----------------------------------------
-class PoolingWindows:
+class PoolingWindows(NamedTuple):
     """Where each pooling window starts, and which flat-index steps stay inside a window.
 
     ``origin[o]``: flat index (into one input plane) of output ``o``'s window corner, negative
     under padding. ``deltas[k]``: the flat-index step to the window's k-th position. An argmax
-    index is ``origin + deltas[offset]``; ``offset_of`` maps a step back to its offset.
+    index is ``origin + deltas[offset]``; ``offset_of[step - min(deltas)]`` maps a step back to
+    its offset, ``origin_shifted`` is ``origin + min(deltas)``.
     """
 
-    def __init__(self, origin: Tensor, deltas: Tensor) -> None:
-        self.origin = origin
-        self.deltas = deltas
+    origin: Tensor
+    deltas: Tensor
+    offset_of: Tensor
+    origin_shifted: Tensor
+
+    @classmethod
+    def of(cls, origin: Tensor, deltas: Tensor) -> PoolingWindows:
+        """From CPU tensors (the geometry is decided on the host, once per shape)."""
         low, high = int(deltas.min()), int(deltas.max())
-        self.low = low
         offset_of = torch.full((high - low + 1,), 255, dtype=torch.uint8)
         offset_of[deltas - low] = torch.arange(len(deltas), dtype=torch.uint8)
-        self.offset_of = offset_of
-        self.origin_shifted = origin + low
+        return cls(origin, deltas, offset_of, origin + low)
+
+    def to(self, device: torch.device) -> PoolingWindows:
+        """The same windows on ``device``: copied once, without waiting for the device."""
+        return PoolingWindows(*(tensor.to(device, non_blocking=True) for tensor in self))
 
 
 def _plane_strides(sizes: list[int]) -> list[int]:
@@ -233,7 +249,7 @@ def regular_windows(in_sizes, out_sizes, kernel, stride, padding, dilation) -> P
     deltas = torch.zeros((), dtype=torch.int64)
     for size, dil, flat in zip(kernel, dilation, plane):
         deltas = (deltas.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * dil * flat).flatten()
-    return PoolingWindows(origin, deltas) if len(torch.unique(deltas)) == len(deltas) <= 255 else None
+    return PoolingWindows.of(origin, deltas) if len(torch.unique(deltas)) == len(deltas) <= 255 else None
 
 
 def adaptive_windows(in_sizes, out_sizes) -> PoolingWindows | None:
@@ -245,7 +261,7 @@ def adaptive_windows(in_sizes, out_sizes) -> PoolingWindows | None:
         widest = max(-(-((i + 1) * size_in) // size_out) - start for i, start in enumerate(starts))
         origin = origin.unsqueeze(-1) + torch.tensor(starts, dtype=torch.int64) * flat
         deltas = (deltas.unsqueeze(-1) + torch.arange(widest, dtype=torch.int64) * flat).flatten()
-    return PoolingWindows(origin, deltas) if len(deltas) <= 255 else None
+    return PoolingWindows.of(origin, deltas) if len(deltas) <= 255 else None
 
 
 class WindowOffsetCodec(Codec):

@@ -26,6 +26,7 @@ Register globally with :func:`register_handler`, or for one mode only with
 from __future__ import annotations
 
 from .authoring import (
+    CPU_AND_CUDA,
     Handler,
     OutputsToCaller,
     SavingPolicy,
@@ -51,6 +52,7 @@ from .recipes import (
 from .registry import RegistrationError, register_handler, registered_ops, unregister_handler
 
 __all__ = [
+    "CPU_AND_CUDA",
     "SavingPolicy",
     "Handler",
     "Saved",

@@ -25,6 +25,8 @@ __all__ = ["MemSaveMode", "VERIFIED_DEVICES"]
 
 OpSelector = Union[OpOverload, OpOverloadPacket, str, type]
 VERIFIED_DEVICES = frozenset({"cpu"})
+#: The one run that verifies a GPU (and writes docs/gpu-results.json and .md).
+VERIFY_COMMAND = "timeout 360 python tools/gpu_check.py"
 
 
 class MemSaveMode(TorchFunctionMode):
@@ -41,7 +43,7 @@ class MemSaveMode(TorchFunctionMode):
         handlers: ``{aten overload: handler class}`` for this mode only, on top of (and
             replacing) the registered handlers, like ``FlopCounterMode``'s custom mapping.
         devices: device types to handle (``"cpu"``, ``"cuda"`` or ``torch.device``s). Only
-            ``"cpu"`` is verified bit-exact; others warn.
+            ``"cpu"`` is verified bit-exact; others warn, naming the command that verifies them.
 
     The mode is a ``TorchFunctionMode``: torch.compile guards on the mode stack, so a graph
     compiled inside the mode is never reused outside it, and vice versa.
@@ -63,8 +65,9 @@ class MemSaveMode(TorchFunctionMode):
         unverified = self.devices - VERIFIED_DEVICES
         if unverified:
             warnings.warn(
-                f"MemSaveMode on {sorted(unverified)} is not verified bit-exact against stock "
-                f"PyTorch; run tools/gpu_check.py on that device first",
+                f"MemSaveMode on {sorted(unverified)} is not verified bit-exact against stock PyTorch "
+                f"yet; verify it on that device first: {VERIFY_COMMAND}, from a checkout of "
+                f"memsave-dispatch (docs/gpu.md says what it checks)",
                 stacklevel=2,
             )
         self._entries = self._select()  # validates the selectors now; refreshed on every entry

@@ -143,7 +143,9 @@ def run_once(
             saved, outputs = saved_tensor_bytes(lambda: _as_tuple(fn(**clones)), exclude=excluded)
         differentiable = [o for o in outputs if isinstance(o, Tensor) and o.requires_grad]
         generator = torch.Generator().manual_seed(upstream_seed)
-        upstream = [torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o.dtype) for o in differentiable]
+        upstream = [
+            torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o.device, o.dtype) for o in differentiable
+        ]
         if differentiable:
             torch.autograd.backward(differentiable, upstream)
     grads = {name: (t.grad if t is not None and t.requires_grad else None) for name, t in clones.items()}

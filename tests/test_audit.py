@@ -12,8 +12,8 @@ from torch import nn
 from memsave_dispatch import MemSaveMode, audit, track_modules
 from memsave_dispatch._compat import SAVED_SLOTS_READABLE
 from memsave_dispatch.report import format_bytes, render_text
-from tools.bench.encoders import FINE_TUNING, Config, bert_shaped
 from tests.support import HookMeter
+from tools.bench.encoders import FINE_TUNING, Config, bert_shaped
 from tools.bench.models import SmallConvNet, freeze, resnet18, set_batchnorm_eval, transformer_encoder
 
 CASES = {

@@ -69,3 +69,24 @@ def test_bool_codec_decodes_the_mask_and_leaves_it_alone(decide):
     kept, meta = codec.encode(mask)
     assert torch.equal(mask, original)  # (a bool tensor's .bool() is the tensor itself)
     assert torch.equal(codec.decode(kept, meta), mask)
+
+
+def test_byte_patterns_are_the_bits_of_every_byte():
+    expected = torch.tensor([[(byte >> j) & 1 for j in range(8)] for byte in range(256)], dtype=torch.uint8)
+    assert torch.equal(codecs.byte_patterns(), expected)
+
+
+def test_tables_are_made_on_the_device_of_the_bits_they_decode():
+    """A GPU's tables come from its own kernels; meta stands in for a device here."""
+    table = codecs.two_value_table(torch.float32, -0.0, 2.0, "meta")
+    assert table.device.type == "meta" and table.shape == (256, 8)
+    assert codecs.two_value_table(torch.float32, -0.0, 2.0, "meta") is table  # made once
+    cpu = codecs.two_value_table(torch.float32, -0.0, 2.0)
+    assert torch.equal(torch.signbit(cpu), ~codecs.byte_patterns().bool())
+
+
+def test_pooling_windows_move_to_a_device_whole():
+    windows = codecs.regular_windows([9, 9], [5, 5], [3, 3], [2, 2], [1, 1], [1, 1])
+    moved = windows.to(torch.device("meta"))
+    assert all(tensor.device.type == "meta" for tensor in moved)
+    assert [tensor.shape for tensor in moved] == [tensor.shape for tensor in windows]

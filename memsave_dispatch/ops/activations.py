@@ -7,13 +7,20 @@ Reached by: ``nn.ReLU``/``F.relu`` (``aten.relu``, ``aten.relu_`` with ``inplace
 ``nn.LeakyReLU`` (``aten.leaky_relu``/``leaky_relu_``), ``nn.Hardtanh``/``nn.ReLU6``/``F.relu6``
 (``aten.hardtanh``/``hardtanh_``), ``nn.Threshold`` (``aten.threshold``/``threshold_``).
 Stock keeps the float input or output (4 bytes per element in fp32).
+
+The same operators run on CUDA. Where a decision depends on how the device's kernel rounds or
+decides (hardtanh's and threshold's bounds), the kernel itself is asked, on that device, once
+per bounds and dtype: encoding never reads a tensor back to the host.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..handlers import (
+    CPU_AND_CUDA,
     KEEP,
     Attr,
     BitMaskCodec,
@@ -44,6 +51,7 @@ class Relu(SavingPolicy):
     """
 
     family = "activation"
+    devices = CPU_AND_CUDA
 
     @staticmethod
     def saved(args, outputs):
@@ -57,6 +65,7 @@ class LeakyRelu(SavingPolicy):
     x is the caller's tensor: its bits replace it once nothing else holds it."""
 
     family = "activation"
+    devices = CPU_AND_CUDA
 
     @staticmethod
     def saved(args, outputs):
@@ -68,6 +77,7 @@ class LeakyReluInplace(SavingPolicy):
     """In place, stock keeps the output (y > 0 exactly where x > 0): shared like ReLU's."""
 
     family = "activation"
+    devices = CPU_AND_CUDA
 
     @staticmethod
     def saved(args, outputs):
@@ -79,28 +89,25 @@ class Hardtanh(SavingPolicy):
     """backward: hardtanh_backward(grad, x, lo, hi) zeroes where x <= lo or x >= hi.
 
     The bit is the kernel's own decision, asked once with a gradient of ones (so the bounds are
-    rounded exactly as the kernel rounds them). Stock's kernel decides NaN differently in its
-    vectorised body and its scalar tail, and which elements fall where depends on the incoming
-    gradient's layout: a tensor holding NaN is kept as it is. In place, stock keeps a private
-    copy of the input, encoded at once; out of place, the caller's input, encoded once nothing
-    else holds it.
+    rounded exactly as the kernel rounds them). Stock's CPU kernel decides NaN differently in
+    its vectorised body and its scalar tail, and which elements fall where depends on the
+    incoming gradient's layout: on CPU a tensor holding NaN is kept as it is. CUDA's kernel
+    applies one comparison to every element (NaN passes), so there the bit covers NaN too and
+    nothing is read back. In place, stock keeps a private copy of the input, encoded at once;
+    out of place, the caller's input, encoded once nothing else holds it.
     """
 
     family = "activation"
+    devices = CPU_AND_CUDA
 
     @staticmethod
     def saved(args, outputs):
         input, low, high = args[0], args[1], args[2]
-
-        def backward(grad, tensor):
-            return aten.hardtanh_backward.default(grad, tensor, low, high)
-
-        if not encodings_enabled() or bool(torch.isnan(input).any()):
-            # the kernel's NaN decision depends on where the element falls in its loop, which
-            # depends on the incoming gradient's layout, unknown until backward
+        if not encodings_enabled() or (input.is_cpu and bool(torch.isnan(input).any())):
             return {"self": Saved(input, KEEP)}
         zeroed, passed = _below(low, input.dtype), _middle(low, high, input.dtype)
-        return {"self": Saved(input, _decision_mask(backward, input.dtype, zeroed, passed, _encoding(args, outputs)))}
+        decision = _decision_mask(aten.hardtanh_backward.default, (low, high), input, zeroed, passed, _encoding(args, outputs))
+        return {"self": Saved(input, decision)}
 
 
 @register_handler(aten.threshold.default, aten.threshold_.default)
@@ -111,20 +118,18 @@ class Threshold(SavingPolicy):
     """
 
     family = "activation"
+    devices = CPU_AND_CUDA
 
     @staticmethod
     def saved(args, outputs):
         input, threshold = args[0], args[1]
-
-        def backward(grad, tensor):
-            return aten.threshold_backward.default(grad, tensor, threshold)
-
         if not encodings_enabled():
             return {"self": Saved(input, KEEP)}
         at = torch.tensor(threshold, dtype=input.dtype)
         above = torch.nextafter(at, torch.tensor(float("inf"), dtype=input.dtype)).item()
         zeroed = _below(threshold, input.dtype)
-        return {"self": Saved(input, _decision_mask(backward, input.dtype, zeroed, above, _encoding(args, outputs)))}
+        decision = _decision_mask(aten.threshold_backward.default, (threshold,), input, zeroed, above, _encoding(args, outputs))
+        return {"self": Saved(input, decision)}
 
 
 def _encoding(args, outputs) -> type:
@@ -133,21 +138,26 @@ def _encoding(args, outputs) -> type:
     return Encode if outputs[0] is args[0] else EncodeWhenUnshared
 
 
-def _decision_mask(backward, dtype, zeroed: float | None, passed: float | None, encoding: type):
-    """Encode the per-element decision of ``backward`` (zero the gradient or pass it) as one
-    bit, decoded as ``zeroed``/``passed``, once the kernel is seen to decide alike on those two
-    values in its vectorised body and its tail; KEEP otherwise."""
-    if zeroed is None or passed is None:
-        return KEEP
-    probe = torch.tensor([zeroed] * 67 + [passed] * 67, dtype=dtype)
-    decided = backward(torch.ones_like(probe), probe) != 0
-    if decided[:67].any() or not decided[67:].all():
+def _decision_mask(backward, bounds: tuple, input, zeroed: float | None, passed: float | None, encoding: type):
+    """Encode the per-element decision of ``backward(grad, x, *bounds)`` (zero the gradient or
+    pass it) as one bit, decoded as ``zeroed``/``passed``, once the kernel is seen to decide
+    alike on those two values in its vectorised body and its tail; KEEP otherwise."""
+    if zeroed is None or passed is None or not _decides_alike(backward, bounds, input.dtype, input.device, zeroed, passed):
         return KEEP
 
     def passes(tensor):
-        return backward(torch.ones_like(tensor), tensor) != 0
+        return backward(torch.ones_like(tensor), tensor, *bounds) != 0
 
     return encoding(BitMaskCodec(passes, zeroed, passed))
+
+
+@functools.lru_cache(maxsize=256)
+def _decides_alike(backward, bounds: tuple, dtype: torch.dtype, device: torch.device, zeroed: float, passed: float) -> bool:
+    """Whether ``device``'s kernel zeroes 67 copies of ``zeroed`` and passes 67 of ``passed``
+    (a vectorised body and a tail): asked once per bounds, dtype and device."""
+    probe = torch.cat([torch.full((67,), zeroed, dtype=dtype, device=device), torch.full((67,), passed, dtype=dtype, device=device)])
+    decided = backward(torch.ones_like(probe), probe, *bounds) != 0
+    return not bool(decided[:67].any()) and bool(decided[67:].all())
 
 
 def _below(value, dtype) -> float | None:

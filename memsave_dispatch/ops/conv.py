@@ -1,7 +1,10 @@
 """Convolution, all of 1-d/2-d/3-d and transposed: ``aten.convolution``.
 
 ``F.conv*d``, ``nn.Conv*d`` (any ``padding_mode``: non-zero modes pad in a separate op),
-``padding='same'`` and ``conv_transpose*d`` all reach this one operator.
+``padding='same'`` and ``conv_transpose*d`` all reach this one operator, on CUDA too: cuDNN
+(or another backend) is chosen below autograd, and every backend's backward goes through
+``convolution_backward``, which reads a dropped input only for its layout (the ghost keeps it,
+so cuDNN's memory-format choice is stock's).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.nn import Parameter
 
-from ..handlers import DROP, KEEP, Saved, SavingPolicy, register_handler
+from ..handlers import CPU_AND_CUDA, DROP, KEEP, Saved, SavingPolicy, register_handler
 
 aten = torch.ops.aten
 
@@ -24,6 +27,7 @@ class Convolution(SavingPolicy):
     """
 
     family = "conv"
+    devices = CPU_AND_CUDA
 
     @staticmethod
     def can_save(input, weight, *_params):

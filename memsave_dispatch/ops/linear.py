@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..handlers import KEEP, Saved, SavingPolicy, register_handler
+from ..handlers import CPU_AND_CUDA, KEEP, Saved, SavingPolicy, register_handler
 
 aten = torch.ops.aten
 
@@ -28,6 +28,7 @@ class Addmm(SavingPolicy):
     """out = beta * bias + alpha * mat1 @ mat2 (``nn.Linear`` with bias, any leading dims)."""
 
     family = "linear"
+    devices = CPU_AND_CUDA
 
     @staticmethod
     def saved(args, outputs):
@@ -39,6 +40,7 @@ class Mm(SavingPolicy):
     """out = self @ mat2 (``nn.Linear`` without bias). Stock names the slots self/mat2."""
 
     family = "linear"
+    devices = CPU_AND_CUDA
 
     @staticmethod
     def saved(args, outputs):

@@ -1,9 +1,12 @@
 """Normalization layers.
 
-Batch norm on CPU reaches ``aten.native_batch_norm`` for ``nn.BatchNorm1d/2d/3d``,
-``F.batch_norm`` and ``F.instance_norm``, in training and eval mode. On CUDA the same modules
-reach ``aten.cudnn_batch_norm`` (``aten.miopen_batch_norm`` on ROCm) and
-``native_batch_norm`` where cuDNN does not apply; only CPU is verified so far.
+Which batch-norm operator ``nn.BatchNorm1d/2d/3d``, ``F.batch_norm`` and ``F.instance_norm``
+reach (``_batch_norm_impl_index`` in ATen's Normalization.cpp): on CPU always
+``aten.native_batch_norm``; on CUDA ``aten.cudnn_batch_norm`` when the input has at least 3
+dimensions, weight and bias are both given, running statistics are given (or absent in
+training), neither input nor weight is bfloat16 and a half input has a float weight;
+``aten.miopen_batch_norm`` on ROCm under similar conditions; ``aten.native_batch_norm``
+otherwise (no affine, 2-d input, bfloat16, ...). All three get the same decisions.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..handlers import (
+    CPU_AND_CUDA,
     DROP,
     KEEP,
     Attr,
@@ -27,6 +31,24 @@ from ..handlers import (
 aten = torch.ops.aten
 
 
+def _batch_norm_can_save(input, weight, _bias, _running_mean, _running_var, training, *_) -> bool:
+    return not _needs_input(input, weight, training)
+
+
+def _batch_norm_saved(args, outputs) -> dict[str, Saved]:
+    """The slots all three batch-norm nodes share: x, w, the running and the batch statistics."""
+    input, weight, _bias, running_mean, running_var, training = args[:6]
+    keep_input = KEEP if _needs_input(input, weight, training) else DROP
+    return {
+        "input": Saved(input, keep_input),
+        "weight": Saved(weight, KEEP),
+        "running_mean": Saved(running_mean, KEEP),
+        "running_var": Saved(running_var, KEEP),
+        "result1": Saved(outputs[1], keep_input),  # batch mean (empty in eval mode)
+        "result2": Saved(outputs[2], keep_input),  # batch inverse std (or variance)
+    }
+
+
 @register_handler(aten.native_batch_norm.default)
 class NativeBatchNorm(SavingPolicy):
     """y = (x - mean) * invstd * w + b, with batch statistics (training) or running ones (eval).
@@ -38,23 +60,41 @@ class NativeBatchNorm(SavingPolicy):
     """
 
     family = "norm"
+    devices = CPU_AND_CUDA
+    can_save = staticmethod(_batch_norm_can_save)
+    saved = staticmethod(_batch_norm_saved)
 
-    @staticmethod
-    def can_save(input, weight, _bias, _running_mean, _running_var, training, *_):
-        return not _needs_input(input, weight, training)
+
+@register_handler(aten.cudnn_batch_norm.default)
+class CudnnBatchNorm(SavingPolicy):
+    """cuDNN's batch norm (CUDA): the same formula and the same decisions as native batch norm.
+
+    Backward (derivatives.yaml): in training ``cudnn_batch_norm_backward(x, grad, w, running
+    stats, result1, result2, eps, result3)``, which computes all three gradients at once and
+    needs x only for grad_x and grad_w (grad_b = sum(grad)); in eval mode
+    ``native_batch_norm_backward`` on the running statistics, as native batch norm's. cuDNN
+    requires x contiguous in its own memory format: a ghost keeps x's strides, a zero-stride
+    placeholder would be refused. result3 is cuDNN's reserve space, kept (empty for plain
+    batch norm).
+    """
+
+    family = "norm"
+    devices = CPU_AND_CUDA
+    can_save = staticmethod(_batch_norm_can_save)
 
     @staticmethod
     def saved(args, outputs):
-        input, weight, _bias, running_mean, running_var, training = args[:6]
-        keep_input = KEEP if _needs_input(input, weight, training) else DROP
-        return {
-            "input": Saved(input, keep_input),
-            "weight": Saved(weight, KEEP),
-            "running_mean": Saved(running_mean, KEEP),
-            "running_var": Saved(running_var, KEEP),
-            "result1": Saved(outputs[1], keep_input),  # batch mean (empty in eval mode)
-            "result2": Saved(outputs[2], keep_input),  # batch inverse std
-        }
+        return {**_batch_norm_saved(args, outputs), "result3": Saved(outputs[3], KEEP)}
+
+
+@register_handler(aten.miopen_batch_norm.default)
+class MiopenBatchNorm(SavingPolicy):
+    """MIOpen's batch norm (ROCm): backward as cuDNN's, without a reserve space."""
+
+    family = "norm"
+    devices = CPU_AND_CUDA
+    can_save = staticmethod(_batch_norm_can_save)
+    saved = staticmethod(_batch_norm_saved)
 
 
 def _needs_input(input, weight, training) -> bool:
@@ -88,6 +128,7 @@ class NativeLayerNorm(SavingPolicy):
     """
 
     family = "norm"
+    devices = CPU_AND_CUDA
 
     @staticmethod
     def saved(args, outputs):
@@ -101,6 +142,7 @@ class NativeGroupNorm(SavingPolicy):
     """``nn.GroupNorm``: as layer norm, per group; bias-only keeps nothing."""
 
     family = "norm"
+    devices = CPU_AND_CUDA
 
     @staticmethod
     def can_save(input, weight, *_rest):

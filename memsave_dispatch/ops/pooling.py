@@ -6,6 +6,10 @@ the gradient through the argmax indices, average pooling spreads it evenly. Stoc
 input anyway, and max pooling's indices as int64 (8 bytes per output). Here max pooling keeps
 each argmax as its offset inside the pooling window, one byte, and rebuilds the int64 indices
 in backward; average pooling keeps nothing.
+
+CUDA's kernels (NCHW and channels-last alike) use the CPU's index format, a flat index into
+one input plane, and start each argmax at a position inside its window. (``F.adaptive_avg_pool2d``
+to 1x1 is a ``mean``, on both devices: no pooling operator is called.)
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from .._compat import BFLOAT16_ADAPTIVE_MAX_POOL2D_INDICES_IN_WINDOW, nn_function
 from ..codecs import PoolingWindows, WindowOffsetCodec, adaptive_windows, regular_windows
 from ..handlers import (
+    CPU_AND_CUDA,
     DROP,
     KEEP,
     Encode,
@@ -35,10 +40,15 @@ aten = torch.ops.aten
 _WINDOWS_CACHE: OrderedDict = OrderedDict()
 
 
-def _cached_windows(key, build) -> PoolingWindows | None:
+def _cached_windows(key, device: torch.device, build) -> PoolingWindows | None:
+    """The windows of one pooling geometry on ``device``: built on the CPU (host decisions
+    over pure geometry) and copied to another device once, never per call."""
+    key = (*key, device)
     windows = _WINDOWS_CACHE.get(key)
     if windows is None and key not in _WINDOWS_CACHE:
         windows = build()
+        if windows is not None and device.type != "cpu":
+            windows = windows.to(device)
         _WINDOWS_CACHE[key] = windows
         if len(_WINDOWS_CACHE) > 256:
             _WINDOWS_CACHE.popitem(last=False)
@@ -59,6 +69,7 @@ class _MaxPool(SavingPolicy):
     """
 
     family = "pooling"
+    devices = CPU_AND_CUDA
     dims: int
     outputs_to_caller = OutputsToCaller(
         frozenset(
@@ -101,7 +112,9 @@ class _RegularMaxPool(_MaxPool):
         stride = _expand(stride, cls.dims) if stride else kernel
         padding, dilation = _expand(padding, cls.dims), _expand(dilation, cls.dims)
         key = ("max", tuple(in_sizes), tuple(out_sizes), tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
-        return _cached_windows(key, lambda: regular_windows(in_sizes, out_sizes, kernel, stride, padding, dilation))
+        return _cached_windows(
+            key, args[0].device, lambda: regular_windows(in_sizes, out_sizes, kernel, stride, padding, dilation)
+        )
 
 
 @register_handler(aten.max_pool2d_with_indices.default)
@@ -117,7 +130,8 @@ class MaxPool3d(_RegularMaxPool):
 class _AdaptiveMaxPool(_MaxPool):
     @classmethod
     def windows(cls, args, in_sizes, out_sizes):
-        return _cached_windows(("adaptive", tuple(in_sizes), tuple(out_sizes)), lambda: adaptive_windows(in_sizes, out_sizes))
+        key = ("adaptive", tuple(in_sizes), tuple(out_sizes))
+        return _cached_windows(key, args[0].device, lambda: adaptive_windows(in_sizes, out_sizes))
 
 
 @register_handler(aten.adaptive_max_pool2d.default)
@@ -149,6 +163,7 @@ class AvgPool(SavingPolicy):
     """out = avgpool(x): grad_x spreads grad evenly over each window; x is never read."""
 
     family = "pooling"
+    devices = CPU_AND_CUDA
 
     @staticmethod
     def saved(args, outputs):

@@ -83,16 +83,27 @@ def minor_page_faults() -> int | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def time_step(step: Callable[[], Any], synchronize: Callable[[], Any] = lambda: None) -> float:
-    """Seconds ``step()`` takes. Switching between stock and the mode installs or removes
-    kernels: that garbage is collected first, so the collection it would trigger does not land
-    in whichever step comes next."""
+def time_step(step: Callable[[], Any], device: torch.device | str = "cpu") -> float:
+    """Seconds ``step()`` takes: wall clock on the CPU; on a GPU, CUDA events recorded before
+    and after it (the device's timeline from the step's first queued work to its last kernel,
+    idle gaps included). Switching between stock and the mode installs or removes kernels:
+    that garbage is collected first, so the collection it would trigger does not land in
+    whichever step comes next."""
     gc.collect()
-    synchronize()
-    start = time.perf_counter()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start_time = time.perf_counter()
     step()
-    synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start_time
+
+
+TIME_METHODS = {"cpu": "wall clock (time.perf_counter)", "cuda": "CUDA events around the step"}
 
 
 def median_ratio(times: Sequence[float], baseline: Sequence[float]) -> float:

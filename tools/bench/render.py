@@ -72,13 +72,53 @@ def tables(results: dict[str, Any]) -> list[Any]:
     return out
 
 
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def _ratio_or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _exactness(cell: dict[str, Any] | None) -> str:
+    if cell is None or cell.get("error"):
+        return "error" if cell else "-"
+    if cell["exact"] == "within tol":
+        return f"within tol ({cell['max_rel_diff']:.0e})"
+    return cell["exact"] or "-"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The README's benchmark table: one line per model x case, the four columns side by side
+    (MiB, time ratios against each column's baseline, gradient exactness); "-" where a column
+    was not run."""
+    keys = [column.key for column in COLUMNS]
+    lines = [
+        "| model | case | kept: eager / mode / compile / compile + mode (MiB) | peak: eager / mode / compile / "
+        "compile + mode (MiB) | time: stock step; mode vs eager, compile vs eager, compile + mode vs compile | "
+        "gradients: mode / compile / compile + mode |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        cells = [row["columns"].get(key) for key in keys]
+        kept = " / ".join(_mib(cell and cell["kept_bytes"]) for cell in cells)
+        peak = " / ".join(_mib(cell and cell["peak_bytes"]) for cell in cells)
+        stock_ms = cells[0] and cells[0]["step_ms"]
+        ratios = ", ".join(_ratio_or_dash(cell and cell["time_ratio"]) for cell in cells[1:])
+        time = f"{stock_ms:.0f} ms; {ratios}" if stock_ms is not None else ratios
+        gradients = " / ".join(_exactness(cell) for cell in cells[1:])
+        lines.append(f"| {row['model']} | {row['case_label']} | {kept} | {peak} | {time} | {gradients} |")
+    return "\n".join(lines)
+
+
 def caption(config: dict[str, Any]) -> str:
     """What the figures mean and how they were measured."""
     text = (
         f"kept: bytes kept for backward after the forward pass (model state excluded). "
         f"peak: max allocation above the step's start over forward + backward + optimizer step "
         f"({config['peak_method']}). time: median of per-round step-time ratios over "
-        f"{config['pairs']} interleaved rounds (stock eager: median step time). Ratios and "
+        f"{config['pairs']} interleaved rounds ({config.get('time_method', 'wall clock')}; stock eager: "
+        f"median step time). Ratios and "
         f"exactness: MemSaveMode columns against the same execution without the mode, "
         f"torch.compile against stock eager; gradients compared as raw bits "
         f"(bit-identical; eager MemSaveMode must be) or, for torch.compile, a relative L2 error of "
@@ -98,8 +138,9 @@ def caption(config: dict[str, Any]) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The README's table: per model and case, bytes kept and whole-step peak of stock eager
-    and of the mode (with the ratio), the step-time ratio and gradient exactness."""
+    """The README's table, stock eager against the mode (:func:`markdown_table` has all four
+    columns): per model and case, bytes kept and whole-step peak (with the ratio), the
+    step-time ratio and gradient exactness."""
     config = results["config"]
     lines = [
         "| model, input | case | kept: stock | kept: mode | peak: stock | peak: mode | time: mode / stock | gradients |",
@@ -113,7 +154,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {f'{model}, {shape}' if index == 0 else ''} | {row['case_label']} "
                 f"| {_mib(stock['kept_bytes'])} | {_mib(mode['kept_bytes'])}{_ratio(mode['kept_bytes'], stock['kept_bytes'])} "
                 f"| {_mib(stock['peak_bytes'])} | {_mib(mode['peak_bytes'])}{_ratio(mode['peak_bytes'], stock['peak_bytes'])} "
-                f"| {_time_ratio(mode)} | {mode['exact'] or '-'} |"
+                f"| {_ratio_or_dash(mode['time_ratio'])} | {_exactness(mode)} |"
             )
     lines.append("")
     lines.append(
@@ -121,14 +162,6 @@ def markdown(results: dict[str, Any]) -> str:
         f"{config['pairs']} interleaved rounds (median of per-round ratios)."
     )
     return "\n".join(lines) + "\n"
-
-
-def _mib(count: int | None) -> str:
-    return "-" if count is None else f"{count / 2**20:.1f}"
-
-
-def _time_ratio(cell: dict[str, Any]) -> str:
-    return "-" if cell.get("time_ratio") is None else f"{cell['time_ratio']:.2f}"
 
 
 def _rows_by_model(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:

@@ -23,6 +23,7 @@ from .compile_backend import COMPILE_LABELS, compile_model, compile_settings
 from .measure import (
     COMPILE_REL_TOL,
     PEAK_METHODS,
+    TIME_METHODS,
     compare_gradients,
     interleaved_times,
     median_ratio,
@@ -158,9 +159,8 @@ class _Runner:
                 self.step()
 
     def timed_step(self) -> float:
-        synchronize = torch.cuda.synchronize if self.bench.device.type == "cuda" else (lambda: None)
         with self.active():
-            return time_step(self.step, synchronize)
+            return time_step(self.step, self.bench.device)
 
 
 class _CaseSetup:
@@ -317,6 +317,7 @@ def _describe(config: BenchConfig) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "peak_method": PEAK_METHODS[device.type],
+        "time_method": TIME_METHODS[device.type],
         "compile_label": COMPILE_LABELS.get(config.compile_backend),
         "columns": {c.key: {"label": c.label, "baseline": c.baseline} for c in COLUMNS},
         "optimizer": "SGD(momentum=0.9, lr=0)",
