@@ -53,6 +53,7 @@ class Bmm(SavingPolicy):
     """out = self @ mat2, batched (attention's scores and context)."""
 
     family = "linear"
+    devices = CPU_AND_CUDA
 
     @staticmethod
     def saved(args, outputs):
