@@ -13,18 +13,32 @@ import torch
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 
-@pytest.fixture(scope="module")
-def cpu_preparation_run(tmp_path_factory):
-    """The CUDA readiness script pointed at the CPU, as prepared for the GPU: every part, the
-    benchmark at toy sizes without its compiled columns."""
-    folder = tmp_path_factory.mktemp("gpu_check")
+def _gpu_check_on_cpu(folder: Path, *options: str):
     json_path, markdown_path = folder / "results.json", folder / "results.md"
-    command = [sys.executable, str(TOOLS / "gpu_check.py"), "--device", "cpu", "--compile", "none",
+    command = [sys.executable, str(TOOLS / "gpu_check.py"), "--device", "cpu", *options,
                "--json", str(json_path), "--markdown", str(markdown_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     return result, json.loads(json_path.read_text()), markdown_path.read_text(), json_path
 
 
+@pytest.fixture(scope="module")
+def cpu_preparation_run(tmp_path_factory):
+    """The CUDA readiness script pointed at the CPU, as prepared for the GPU: every part, the
+    benchmark at toy sizes without its compiled columns (minutes: ``pytest -m slow``)."""
+    return _gpu_check_on_cpu(tmp_path_factory.mktemp("gpu_check"), "--compile", "none")
+
+
+def test_gpu_check_matrix_and_ghosts_on_cpu(tmp_path):
+    """The same script's checks, one precision, no benchmark: in every run of the suite."""
+    result, out, markdown, _ = _gpu_check_on_cpu(tmp_path, "--precisions", "fp32", "--skip-bench")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert out["verdict"]["passed"] and "**Verdict: passed.**" in markdown
+    ran = [row for row in out["matrix"] if row["skipped"] is None]
+    assert len(ran) > 100 and all(row["outputs_equal"] and row["grads_equal"] for row in ran)
+    assert out["ghosts"]["zero_memory"]["allocated"] == 0
+
+
+@pytest.mark.slow
 def test_gpu_check_passes_every_part_on_cpu(cpu_preparation_run):
     result, out, _, _ = cpu_preparation_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -40,6 +54,7 @@ def test_gpu_check_passes_every_part_on_cpu(cpu_preparation_run):
     assert sum(row["handled"] for row in ran) > 500
 
 
+@pytest.mark.slow
 def test_gpu_check_measures_ghosts_against_the_zero_stride_placeholder(cpu_preparation_run):
     _, out, _, _ = cpu_preparation_run
     ghosts = out["ghosts"]
@@ -52,6 +67,7 @@ def test_gpu_check_measures_ghosts_against_the_zero_stride_placeholder(cpu_prepa
     assert out["host_sync"] is None  # nothing to wait for on the CPU
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_the_benchmark_plan_and_renders_the_readme_table(cpu_preparation_run):
     _, out, markdown, json_path = cpu_preparation_run
     rows = [row for group in out["bench"]["groups"] for row in group["rows"]]

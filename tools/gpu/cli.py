@@ -21,7 +21,7 @@ from memsave_dispatch.mode import VERIFY_COMMAND
 
 from .ghost_memory import run_ghost_checks
 from .host_sync import run_sync_checks
-from .matrix import codec_facts, deterministic, run_matrix
+from .matrix import PRECISIONS, codec_facts, deterministic, run_matrix
 from .plan import BenchPlan, Budget, run_plan
 from .results import render_markdown, verdict, write_json
 
@@ -52,6 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--markdown", metavar="PATH", help="report (default on cuda: docs/gpu-results.md)")
     parser.add_argument("--budget", type=float, help="seconds for the whole run (default 300 on cuda and cpu)")
     parser.add_argument("--skip-bench", action="store_true", help="no benchmark")
+    parser.add_argument(
+        "--precisions", nargs="+", choices=tuple(PRECISIONS), default=tuple(PRECISIONS),
+        help="the matrix's precisions (default: all)",
+    )
     parser.add_argument("--compile", choices=("inductor", "partition", "none"), help="compile columns (default: inductor on cuda)")
     parser.add_argument("--allocated-zeros", action="store_true", help="ghosts view allocator zeros, not the mapped granule")
     parser.add_argument("--render", metavar="JSON", help="print the markdown report of an earlier run's JSON and exit")
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     out["meta"]["zero_memory"] = _choose_zero_memory(args)
     print(f"torch {torch.__version__} on {out['meta']['device_name']}; zero memory: {out['meta']['zero_memory']}", flush=True)
     with deterministic():
-        out["matrix"] = [_as_dict(r) for r in run_matrix(args.device)]
+        out["matrix"] = [_as_dict(r) for r in run_matrix(args.device, tuple(args.precisions))]
         _progress("matrix", out, start)
         checkpoint()
         out["codecs"] = codec_facts(args.device)
