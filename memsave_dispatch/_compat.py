@@ -1,9 +1,11 @@
 """The one seam to torch's private APIs, and what differs between the releases this package
 supports (2.9 and later).
 
-Every private name the library uses is looked up here, once: saved-variable internals, the
-saved-tensor default-hooks stack, checkpoint detection, dispatcher keys and kernels, tracing
-state, dynamo's per-code execution strategy. Nothing else imports a private torch module.
+Every private torch module, function and node attribute the library uses is reached here:
+saved-variable internals (a node's ``_raw_saved_*`` and ``_saved_*``), the saved-tensor
+default-hooks stack, checkpoint detection, dispatcher keys and kernels, tracing state,
+dynamo's per-code execution strategy. A tensor's version counter and view base
+(``Tensor._version``, ``Tensor._base``) are read where they are needed.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ __all__ = [
     "skip_in_dynamo",
     "saved_slot",
     "saved_slot_names",
+    "saved_value",
     "node_sequence_nr",
     "autograd_function_of",
     "next_sequence_nr",
@@ -61,7 +64,6 @@ __all__ = [
     "saved_tensor_hooks_enabled",
     "is_checkpoint_hooks",
     "storage_references",
-    "tensor_references",
     "is_wrapped_number",
     "modified_in_place_error",
     "BFLOAT16_ADAPTIVE_MAX_POOL2D_INDICES_IN_WINDOW",
@@ -211,6 +213,12 @@ def saved_slot(node: Any, name: str) -> Any:
     return getattr(node, _RAW + name)
 
 
+def saved_value(node: Any, name: str) -> Any:
+    """What the node keeps under ``name``, unpacked (a tensor: through its hooks and stock's
+    version check; or a saved non-tensor attribute)."""
+    return getattr(node, "_saved_" + name)
+
+
 _SLOT_NAMES: dict[type, tuple[str, ...]] = {}
 
 
@@ -287,11 +295,6 @@ def is_checkpoint_hooks(hooks: Hooks) -> bool:
 def storage_references(tensor: torch.Tensor) -> int:
     """Owners of the tensor's storage (tensors and views sharing it, storage objects)."""
     return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
-
-
-def tensor_references(tensor: torch.Tensor) -> int:
-    """Owners of the tensor itself (its Python object, saved variables holding it as is)."""
-    return tensor._use_count()
 
 
 _WRAPPED_NUMBER_PROBES = {

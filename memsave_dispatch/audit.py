@@ -43,6 +43,7 @@ from ._compat import (
     read_saved_slot,
     saved_slot,
     saved_slot_names,
+    saved_value,
     tree_leaves,
 )
 from .holders import describe_holder, holder_of
@@ -103,7 +104,7 @@ def _read_slot_by_unpacking(node, name: str) -> tuple[str, list[Tensor]]:
         return form, list(_tensors_in(kept))
     try:
         try:
-            value = getattr(node, "_saved_" + name)
+            value = saved_value(node, name)
         except AttributeError:  # a custom Function: its ctx's saved_tensors
             value = node.saved_tensors
     except RuntimeError as error:  # released by a backward pass, or modified in place since

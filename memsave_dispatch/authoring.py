@@ -66,9 +66,10 @@ class _HandlerBase:
     """``unsupported(*args) -> str | None``: a reason to leave this call to stock PyTorch
     (counted in the report), or None to handle it."""
     can_save: ClassVar[Callable[..., bool] | None] = None
-    """``can_save(*args) -> bool``, decided before the call: False when handling it cannot
-    reduce what is kept (every tensor stock keeps is needed). The call then runs stock
-    untouched, counted as "nothing to save", and skips the handler's overhead."""
+    """``can_save(*args) -> bool``, decided before the call: False when the handler's own
+    decisions cannot reduce what is kept (every tensor stock keeps is needed). The call then
+    runs stock untouched, counted as "nothing to save", and skips the handler's overhead,
+    unless a tensor it keeps could be rebuilt (the engine checks that itself)."""
     outputs_to_caller: ClassVar[OutputsToCaller | None] = None
     """Where the caller gets every output (see :func:`caller_keeps_outputs`)."""
 

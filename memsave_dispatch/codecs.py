@@ -17,6 +17,7 @@ that device's own kernels, windows on the CPU (pure geometry) and copied over on
 
 from __future__ import annotations
 
+import collections
 import math
 import sys
 from collections.abc import Callable
@@ -131,12 +132,13 @@ class Codec:
     def decode(self, kept: tuple[Tensor, ...], meta: object) -> Tensor:
         raise NotImplementedError
 
-    def forget(self, meta: object) -> None:
-        """The encoding ``meta`` belongs to was undone (the original is kept after all)."""
+    def still_valid(self, meta: object) -> bool:
+        """Whether the encoding, made when the tensor was unshared, can still be decoded
+        (a rebuild whose inputs a backward pass freed meanwhile cannot)."""
+        return True
 
-    def commit(self, meta: object, materialize: Callable[[Tensor], None]) -> None:
-        """The encoding replaced the tensor for good (it was unshared); ``materialize(t)``
-        would put a tensor back in its place."""
+    def commit(self, meta: object) -> None:
+        """The encoding replaced the tensor for good (it was unshared)."""
 
     def describe(self, meta: object) -> str:
         """What the slot holds, for an audit."""
@@ -177,16 +179,25 @@ class BitMaskCodec(Codec):
 
 def two_value_table(dtype: torch.dtype, low: float, high: float, device: torch.device | str = "cpu") -> Tensor:
     """256 x 8 table on ``device``: entry [byte, j] is ``high`` if bit j of ``byte`` is set, else
-    ``low``. Made once per device, by its own kernels."""
+    ``low``. Made once per device, by its own kernels; the CPU's 0/1 tables stay for the
+    process, others are kept for the most recent ``_TABLES_KEPT`` pairs (bounds such as
+    hardtanh's are user values: a long run must not grow a table per value ever seen)."""
     device = torch.device(device)
     key = (*_table_key(dtype, low, high), device)
-    table = _TWO_VALUE_TABLES.get(key)
+    table = _PINNED_TABLES.get(key)
+    if table is not None:
+        return table
+    table = _RECENT_TABLES.get(key)
     if table is None:
-        bits = _TWO_VALUE_TABLES.get((*_table_key(torch.bool, False, True), device))
+        bits = _PINNED_TABLES.get((*_table_key(torch.bool, False, True), device))
         if bits is None:
             bits = byte_patterns(device).bool()
         table = torch.full(bits.shape, low, dtype=dtype, device=device).masked_fill_(bits, high)
-        _TWO_VALUE_TABLES[key] = table
+        _RECENT_TABLES[key] = table
+        if len(_RECENT_TABLES) > _TABLES_KEPT:
+            _RECENT_TABLES.popitem(last=False)
+    else:
+        _RECENT_TABLES.move_to_end(key)
     return table
 
 
@@ -198,9 +209,13 @@ def _table_key(dtype: torch.dtype, low: float, high: float) -> tuple:
 # The CPU's 0/1 tables are built at import: a table first built while torch.compile traces would
 # be a fake tensor. (Encodings are never made while tracing, so the others are built lazily, in
 # eager code: other pairs, other devices.)
-_TWO_VALUE_TABLES: dict[tuple, Tensor] = {}
+_PINNED_TABLES: dict[tuple, Tensor] = {}
+_RECENT_TABLES: collections.OrderedDict[tuple, Tensor] = collections.OrderedDict()
+_TABLES_KEPT = 64
 for _dtype in (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64):
     two_value_table(_dtype, 0, 1)
+_PINNED_TABLES.update(_RECENT_TABLES)
+_RECENT_TABLES.clear()
 del _dtype
 
 

@@ -42,6 +42,7 @@ from ._compat import (
     OpOverload,
     apply_function_untransformed,
     autograd_keyset,
+    backward_running,
     below_autograd,
     default_hooks,
     destroy_library,
@@ -60,6 +61,7 @@ from ._compat import (
     skip_in_dynamo,
     stock_kernel,
 )
+from .recipes import has_recipe
 from .registry import HandlerEntry
 from .storage import storage_bytes
 
@@ -157,9 +159,19 @@ def _make_kernel(op: OpOverload, stocks: dict):
 def _route(entry: HandlerEntry, device, stock, active: list, keyset, args: tuple, kwargs: dict):
     handler = entry.handler
     full_arguments = entry.full_arguments(args, kwargs) if kwargs or len(args) < entry.arity else args
-    if not torch.is_grad_enabled():
+    if backward_running():
+        if not torch.is_grad_enabled():
+            return stock.call_boxed(keyset, *args, **kwargs)  # a backward formula's or a rebuild's own
+        # create_graph's formulas, a reentrant checkpoint's recomputation: left to stock, so no
+        # rebuild or encoding starts inside a backward pass
+        reason = "during backward"
+    elif not torch.is_grad_enabled():
         reason = "grad mode off"
-    elif handler.can_save is not None and not handler.can_save(*full_arguments):
+    elif (
+        handler.can_save is not None
+        and not handler.can_save(*full_arguments)
+        and not (entry.is_policy and _an_input_is_rebuildable(entry, args, kwargs))
+    ):
         reason = "nothing to save"  # decided first: it is the cheapest way back to stock
     else:
         reason = _reason_for_stock(entry, device, active[-1].devices, args, kwargs)
@@ -186,6 +198,7 @@ def _run_policy(entry: HandlerEntry, stock, active: list, keyset, args: tuple, k
         for scope in active:
             scope.tallies.of(entry.op, entry.family).add_stock("checkpointed region")
         return stock.call_boxed(keyset, *args, **kwargs)
+    previous = full_arguments[0].grad_fn if entry.in_place else None
     if user_hooks is None:
         outputs = stock.call_boxed(keyset, *args, **kwargs)
     else:
@@ -194,6 +207,8 @@ def _run_policy(entry: HandlerEntry, stock, active: list, keyset, args: tuple, k
     node = as_tuple[0].grad_fn
     if node is None:  # nothing required grad after all (e.g. integer outputs)
         return outputs
+    if node is previous or (not entry.in_place and any(output is argument for output in as_tuple for argument in args)):
+        return outputs  # stock changed nothing (it handed an input back): the node is not this call's
     handler = entry.handler
     saved = handler.saved(full_arguments, as_tuple)
     slots.check_slot_names(handler, entry.op, node, saved)
@@ -267,6 +282,17 @@ def _function_of(handler: type) -> Any:
 def _run_handler(entry: HandlerEntry, active: list, full_arguments: tuple):
     tallies = [scope.tallies.of(entry.op, entry.family) for scope in active]
     return _function_of(entry.handler)(_Recorder(tallies, entry), *full_arguments)
+
+
+def _an_input_is_rebuildable(entry: HandlerEntry, args: tuple, kwargs: dict) -> bool:
+    """Whether a tensor this call keeps could be rebuilt instead (its producer has a recipe):
+    then the call is handled even where its handler would keep everything."""
+    for tensor in entry.tensor_arguments(args, kwargs):
+        if tensor is not None and tensor.requires_grad:
+            base = tensor if tensor._base is None else tensor._base
+            if base.grad_fn is not None and has_recipe(base.grad_fn):
+                return True
+    return False
 
 
 # -- when a call must run stock ----------------------------------------------------------------

@@ -24,16 +24,32 @@ from torch import Tensor
 from ._compat import (
     SAVED_SLOTS_READABLE,
     Hooks,
+    is_compiling,
     modified_in_place_error,
     no_torch_function,
     read_saved_slot,
     saved_slot,
+    saved_value,
 )
 from .codecs import Codec
 from .decisions import DROP, EncodeWhenUnshared
 from .ghosts import TensorLayout, ghost_like
 
-__all__ = ["Origin", "Ghost", "Encoded", "hook", "holder_of", "describe_holder", "inspect_slot", "SlotState"]
+__all__ = [
+    "Origin",
+    "Ghost",
+    "Encoded",
+    "hook",
+    "holder_of",
+    "describe_holder",
+    "inspect_slot",
+    "SlotState",
+    "UNSHARED_KEY",
+]
+
+#: Where a node notes its slots that wait for their tensor to be unshared: they may still become
+#: an encoding that is not values-exact, so no recipe may read them.
+UNSHARED_KEY = "memsave_dispatch.unshared"
 
 
 # -- how stock would report an in-place change -------------------------------------------
@@ -47,7 +63,9 @@ def _witness(tensor: Tensor) -> Tensor:
     key = (tensor.dtype, tensor.device)
     empty = _WITNESS_DATA.get(key)
     if empty is None:
-        empty = _WITNESS_DATA.setdefault(key, torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+        empty = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        if not is_compiling():  # (a tracing tensor must not be kept for eager calls)
+            _WITNESS_DATA[key] = empty
     witness.data = empty  # keeps the version counter, drops the storage
     return witness
 
@@ -165,8 +183,6 @@ class Encoded:
 
     def keep_original(self, tensor: Tensor) -> None:
         """Undo :meth:`encode`: something else keeps ``tensor``, so its encoding is extra."""
-        if not self.deferred:
-            self.codec.forget(self.meta)
         self.kept = (self._user_pack(tensor.detach()),)
         self.meta, self.nbytes, self.deferred = None, 0, True
 
@@ -230,7 +246,7 @@ def inspect_slot(node: Any, name: str) -> SlotState:
     if holder is not None:
         return SlotState(holder, False, True)
     try:
-        value = getattr(node, "_saved_" + name)
+        value = saved_value(node, name)
     except RuntimeError:  # freed by a backward pass
         return SlotState(None, False, False)
     return SlotState(None, False, value is not None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import pathlib
 import sys
 import threading
 import warnings
@@ -120,7 +121,8 @@ class MemSaveMode(TorchFunctionMode):
         """Which handler (and which version of its code) serves which operator, on which
         devices: what a compiled graph bakes in."""
         handlers = sorted(f"{op}={_code_identity(entry.handler)}" for op, entry in self._entries.items())
-        return hashlib.sha256("\n".join([*handlers, *sorted(self.devices)]).encode()).hexdigest()[:16]
+        lines = [_package_identity(), *handlers, *sorted(self.devices)]
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
     # -- report ----------------------------------------------------------------------------
     def report(self) -> Report:
@@ -233,6 +235,18 @@ class _CompileCacheTag:
 
 
 _compile_cache_tag = _CompileCacheTag()
+
+
+@functools.cache
+def _package_identity() -> str:
+    """A hash of this package's own sources: the engine, slots and codecs a compiled graph was
+    traced through are baked into it as much as the handlers are."""
+    digest = hashlib.sha256()
+    package = pathlib.Path(__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=None)

@@ -39,13 +39,16 @@ import torch
 from torch import Tensor
 
 from ._compat import (
+    SAVED_SLOTS_READABLE,
     OpOverload,
     no_torch_function,
     op_short_name,
     saved_slot_names,
+    saved_value,
 )
 from .codecs import Codec
-from .holders import inspect_slot
+from .holders import UNSHARED_KEY, inspect_slot
+from .storage import is_parameter, view_in_base
 
 __all__ = [
     "Slot",
@@ -152,6 +155,9 @@ class _Bound:
     recipe: Recipe
     dtype: torch.dtype | None  # of the output, where known
     inputs: dict[int, _Bound] = field(default_factory=dict)
+    # copies of the parameters the recipe reads, taken when bound: a parameter's memory may be
+    # gone by the consumer's backward (FSDP reshards it) or changed behind autograd (.data)
+    parameters: dict[str, Tensor] = field(default_factory=dict)
 
     def run(self) -> Tensor:
         recipe = self.recipe
@@ -164,11 +170,13 @@ class _Bound:
 
     def _value(self, spec: Any) -> Any:
         if isinstance(spec, Slot):
-            return getattr(self.node, "_saved_" + spec.name)  # unpacks: the slot's own version check
+            if spec.name in self.parameters:
+                return self.parameters[spec.name]
+            return saved_value(self.node, spec.name)  # unpacks: the slot's own version check
         if isinstance(spec, Input):
             return self.inputs[spec.index].run()
         if isinstance(spec, Attr):
-            return getattr(self.node, "_saved_" + spec.name)
+            return saved_value(self.node, spec.name)
         if isinstance(spec, Noted):
             return self.node.metadata[_NOTES_KEY][spec.key]
         if isinstance(spec, OutputDtype):
@@ -177,6 +185,17 @@ class _Bound:
 
     def nodes(self) -> list[Any]:
         return [self.node, *(node for bound in self.inputs.values() for node in bound.nodes())]
+
+    def copies(self) -> list[Tensor]:
+        return [*self.parameters.values(), *(t for bound in self.inputs.values() for t in bound.copies())]
+
+    def readable(self) -> bool:
+        """Whether every slot the recipe reads still holds its tensor (a backward pass that
+        ran the node since freed them)."""
+        for spec in self.recipe.args + tuple(self.recipe.kwargs.values()):
+            if isinstance(spec, Slot) and spec.name not in self.parameters and not _readable(self.node, spec):
+                return False
+        return all(bound.readable() for bound in self.inputs.values())
 
     def describe(self) -> str:
         name = type(self.node).__name__
@@ -204,11 +223,6 @@ def _readable(node: Any, slot: Slot) -> bool:
     return not state.user_hooks and slot.name not in node.metadata.get(UNSHARED_KEY, ())
 
 
-#: Where the slots engine notes the slots that wait for their tensor to be unshared (they may
-#: still become an encoding that is not values-exact).
-UNSHARED_KEY = "memsave_dispatch.unshared"
-
-
 def keeps(node: Any, name: str) -> bool:
     """Whether the node keeps a tensor in slot ``name`` (stock's, or one of this library's
     holders): for a recipe to choose between reading an operand and rebuilding it."""
@@ -229,8 +243,14 @@ def _bind(node: Any, output_nr: int, dtype: torch.dtype | None, depth: int) -> _
     bound = _Bound(node, recipe, dtype)
     specs = (*recipe.args, *recipe.kwargs.values())
     for spec in specs:
-        if isinstance(spec, Slot) and not _readable(node, spec):
-            return None
+        if isinstance(spec, Slot):
+            if not _readable(node, spec):
+                return None
+            value = saved_value(node, spec.name)
+            if value is not None and is_parameter(value):
+                if value.untyped_storage().nbytes() == 0:
+                    return None  # not there now (a sharded parameter): nothing to copy
+                bound.parameters[spec.name] = value.detach().clone()
         if isinstance(spec, OutputDtype) and dtype is None:
             return None
         if isinstance(spec, Noted) and spec.key not in node.metadata.get(_NOTES_KEY, {}):
@@ -249,44 +269,65 @@ def _bind(node: Any, output_nr: int, dtype: torch.dtype | None, depth: int) -> _
 
 
 class Plan:
-    """How to rebuild one saved tensor: its base's bound recipe and, for a view, where the
-    view lies in the base. Consumers of one base share the plan: the first unpack of a
-    backward pass rebuilds the base, the others reuse it."""
+    """How to rebuild one base tensor. Its consumers (a view of it each, or itself) share the
+    plan: the first unpack rebuilds the base, the others read the same tensor, which lives as
+    long as a consumer may still need it, as stock's kept tensor would have."""
 
-    def __init__(self, base: _Bound, dtype: torch.dtype, base_shape: torch.Size) -> None:
-        self.base, self.dtype, self.base_shape = base, dtype, base_shape
-        self._users = 0  # consumers that will unpack it
-        self._cached: Tensor | None = None
+    def __init__(self, base: _Bound, tensor: Tensor) -> None:
+        self.base = base
+        self.layout = (tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
+        self.version = tensor._version
+        self._rebuilt: Tensor | None = None
+        self._armed = False
 
-    def expect(self) -> None:
-        self._users += 1
+    def copies(self) -> tuple[Tensor, ...]:
+        """What the plan keeps itself: copies of the (small) parameters it reads."""
+        return tuple(self.base.copies())
 
-    def forget(self) -> None:
-        self._users = max(0, self._users - 1)
-        if self._users == 0:
-            self._cached = None
+    def readable(self) -> bool:
+        return self.base.readable()
 
     def run_base(self) -> Tensor:
-        cached = self._cached
-        if cached is None:
+        rebuilt = self._rebuilt
+        if rebuilt is None:
             with torch.no_grad(), _autocast_off(), no_torch_function():
-                cached = self.base.run()
-            if cached.dtype != self.dtype or cached.shape != self.base_shape:
+                rebuilt = self.base.run()
+            shape, stride, dtype, device = self.layout
+            if rebuilt.dtype != dtype or rebuilt.shape != shape:
                 raise RuntimeError(
-                    f"memsave_dispatch: rebuilding {self.base.describe()} gave {cached.dtype} "
-                    f"{tuple(cached.shape)}, not the {self.dtype} {tuple(self.base_shape)} saved; a "
-                    f"recipe registered for {type(self.base.node).__name__} is wrong"
+                    f"memsave_dispatch: rebuilding {self.base.describe()} gave {rebuilt.dtype} "
+                    f"{tuple(rebuilt.shape)}, not the {dtype} {tuple(shape)} saved; a recipe "
+                    f"registered for {type(self.base.node).__name__} is wrong"
                 )
-            if self._users > 1:
-                self._cached = cached
-        self.forget()
-        return cached
+            if rebuilt.stride() != stride or rebuilt.device != device:  # (a cast to a layout)
+                with torch.no_grad():
+                    rebuilt = torch.empty_strided(shape, stride, dtype=dtype, device=device).copy_(rebuilt)
+            self._rebuilt = rebuilt
+        return rebuilt
+
+    def arm(self) -> None:
+        """A consumer dropped its tensor for good. If a backward pass runs one of the recipe's
+        nodes before every consumer unpacked it (it frees their slots), rebuild the base then:
+        the consumers read that instead."""
+        if self._armed:
+            return
+        self._armed = True
+        handles: list = []
+        reference = weakref.ref(self)
+
+        def before_a_producer_runs(_grad_outputs):
+            for handle in handles:
+                handle.remove()
+            handles.clear()
+            plan = reference()
+            if plan is not None:
+                plan.run_base()
+
+        for node in self.base.nodes():
+            handles.append(node.register_prehook(before_a_producer_runs))
 
     def describe(self) -> str:
         return self.base.describe()
-
-    def nodes(self) -> list[Any]:
-        return self.base.nodes()
 
 
 class _autocast_off:
@@ -309,60 +350,40 @@ def _autocast_known(kind: str) -> bool:
 def plan(tensor: Tensor, made: Plan | None = None) -> tuple[Plan, tuple | None] | None:
     """A plan to rebuild ``tensor`` (and, for a view, its place in its base), or None.
     ``made``: the plan another consumer of the same base already has (shared, so that one
-    rebuild serves them all)."""
-    base = tensor._base if tensor._base is not None else tensor
-    geometry = None if base is tensor else (tensor.shape, tensor.stride(), tensor.storage_offset())
-    if made is None:
+    rebuild serves them all), if the base has not changed since."""
+    if not SAVED_SLOTS_READABLE:
+        return None  # before torch 2.13, reading a slot would unpack it (and run its hooks)
+    base, geometry = view_in_base(tensor)
+    if made is None or made.version != base._version:
         bound = _bind(base.grad_fn, base.output_nr, base.dtype, 0)
         if bound is None:
             return None
-        made = Plan(bound, base.dtype, base.shape)
+        made = Plan(bound, base)
     return made, geometry
 
 
 class Rebuild(Codec):
-    """Keeps nothing; decodes by re-running the recipe (then the view, for a view)."""
+    """Keeps nothing of the tensor (the plan's parameter copies, a few values); decodes by
+    rebuilding the base (then the view, for a view)."""
 
     name = "rebuilt"
     values_exact = True
 
     def __init__(self, plan: Plan, geometry: tuple | None) -> None:
         self.plan, self.geometry = plan, geometry
-        self._watched = False
 
     def encode(self, tensor: Tensor) -> tuple[tuple[Tensor, ...], object]:
-        self.plan.expect()
-        return (), None
+        return self.plan.copies(), None
 
     def decode(self, kept: tuple[Tensor, ...], meta: object) -> Tensor:
-        self._watched = False  # unpacked (or materialized): nothing to watch for any more
         base = self.plan.run_base()
         return base if self.geometry is None else base.as_strided(*self.geometry)
 
-    def forget(self, meta: object) -> None:
-        self.plan.forget()
+    def still_valid(self, meta: object) -> bool:
+        return self.plan.readable()
 
     def describe(self, meta: object) -> str:
         return f"rebuilt: {self.plan.describe()}"
 
-    def commit(self, meta: object, materialize: Callable[[Tensor], None]) -> None:
-        """The slot dropped its tensor. If a backward pass runs one of the recipe's nodes
-        before the consumer unpacked it (their slots would be freed), rebuild it then and
-        ``materialize`` it (the consumer keeps it, as stock would have)."""
-        if self._watched:
-            return
-        self._watched = True
-        handles: list = []
-        reference = weakref.ref(self)
-
-        def before_producer_runs(_grad_outputs):
-            codec = reference()
-            for handle in handles:
-                handle.remove()
-            handles.clear()
-            if codec is not None and codec._watched:
-                codec._watched = False
-                materialize(codec.decode((), None))
-
-        for node in self.plan.nodes():
-            handles.append(node.register_prehook(before_producer_runs))
+    def commit(self, meta: object) -> None:
+        self.plan.arm()

@@ -39,9 +39,9 @@ from ._compat import (
     storage_references,
 )
 from .decisions import DROP, KEEP, Decision, Encode, EncodeWhenUnshared, Saved
-from .holders import Encoded, Ghost, Origin, hook
-from .recipes import UNSHARED_KEY, Rebuild, has_recipe, plan
-from .storage import storage_key
+from .holders import UNSHARED_KEY, Encoded, Ghost, Origin, hook, inspect_slot
+from .recipes import Rebuild, has_recipe, plan
+from .storage import storage_key, view_in_base
 
 __all__ = [
     "Outcome",
@@ -58,22 +58,29 @@ class _Pending:
     """An EncodeWhenUnshared slot waiting for its tensor to be unshared.
 
     ``holder`` is None while stock's slot holds the tensor itself (a node's own output, no
-    user hooks: nothing to do until the tensor dies); otherwise a deferred holder keeps it.
+    user hooks: nothing to do until the tensor dies); otherwise a weak reference to the
+    deferred holder that keeps it (gone once backward freed the slot).
     """
 
     __slots__ = ("node", "slot", "codec", "holder", "version", "view", "node_name", "output_nr", "tallies", "nbytes")
 
     def __init__(self, node, slot, codec, holder, tensor, node_name, tallies, nbytes) -> None:
-        self.node, self.slot, self.codec, self.holder = node, slot, codec, holder
+        self.node, self.slot, self.codec = node, slot, codec
+        self.holder = None if holder is None else weakref.ref(holder)
         self.version = tensor._version
-        # the waiting is for the base of a view: where in it the slot's tensor lies
-        self.view = None if tensor._base is None else (tensor.shape, tensor.stride(), tensor.storage_offset())
+        _base, self.view = view_in_base(tensor)  # the waiting is for the base of a view
         self.node_name, self.output_nr = node_name, tensor.output_nr
         self.tallies, self.nbytes = tallies, nbytes
 
     def tensor_in(self, alias: Tensor) -> Tensor:
         """The slot's tensor, from an alias of the tensor waited for."""
         return alias if self.view is None else alias.as_strided(*self.view)
+
+    def freed(self) -> bool:
+        """Whether backward freed the slot meanwhile (nothing left to encode there)."""
+        if self.holder is not None:
+            return self.holder() is None
+        return not inspect_slot(self.node, self.slot).defined
 
 
 class _Tracked:
@@ -99,10 +106,11 @@ def _tracked(base: Tensor) -> _Tracked | None:
 
 def _track(tensor: Tensor, entry: _Pending) -> None:
     """Wait for ``tensor`` (for a view, its base: the view often dies first) to die."""
-    if tensor._base is not None:
-        tensor = tensor._base
+    tensor, _view = view_in_base(tensor)
     tracked = _tracked(tensor)
-    if tracked is None:
+    if tracked is not None:
+        tracked.entries = [waiting for waiting in tracked.entries if not waiting.freed()]
+    else:
         table = _pending.by_tensor
         key = id(tensor)
         tracked = _Tracked()
@@ -127,34 +135,21 @@ def _died(table: dict[int, _Tracked], key: int) -> None:
     if backward_running():
         return  # the graph is being consumed: nothing left to save
     encoded = [(entry, holder) for entry in tracked.entries if (holder := _encode_unshared(entry, alias)) is not None]
-    if storage_references(alias) > _REFERENCES_ALONE:
+    if storage_references(alias) > _REFERENCES_ALONE or not all(h.codec.still_valid(h.meta) for _e, h in encoded):
         for entry, holder in encoded:
             holder.keep_original(entry.tensor_in(alias))  # something else holds the storage
         return
     for entry, holder in encoded:
         entry.node = None
-        holder.codec.commit(holder.meta, _materializer(holder))
+        holder.codec.commit(holder.meta)
         for tally in entry.tallies:
             tally.reencode(EncodeWhenUnshared.label, entry.codec.name, holder.nbytes - entry.nbytes)
 
 
-def _materializer(holder: Encoded) -> Callable[[Tensor], None]:
-    """Puts a tensor back in the holder's slot (held weakly: a node's hooks must not keep the
-    slot that references them alive)."""
-    reference = weakref.ref(holder)
-
-    def materialize(tensor: Tensor) -> None:
-        alive = reference()
-        if alive is not None:
-            alive.keep_original(tensor)
-
-    return materialize
-
-
 def _encode_unshared(entry: _Pending, alias: Tensor) -> Encoded | None:
-    if alias._version != entry.version:
-        return None  # modified in place since: the slot reports it in backward, as stock does
-    holder = entry.holder
+    if alias._version != entry.version or entry.freed():
+        return None  # modified in place since (the slot reports it in backward, as stock does), or freed
+    holder = entry.holder() if entry.holder is not None else None
     if holder is None:
         # (only a node's own output, requiring grad, waits this way: not a leaf)
         holder = Encoded(entry.codec, None, Origin(alias, entry.node_name, entry.output_nr, leaf=False))
@@ -253,10 +248,11 @@ def apply(
     ``tallies`` hear of encodings made later, once a tensor is unshared."""
     stock_sizes: dict[object, int] = {}  # storage -> bytes, for every tensor stock keeps here
     kept_sizes: dict[object, int] = {}  # the same for those the node still holds
-    labels: list[str] = []
+    labels: list[str] = []  # what each changed slot became
     encoded_bytes = 0
     decided = []  # slots given hooks of ours; the user's hooks go on all the others
     waiting = []
+    waited_storages: set[object] = set()  # counted once when several slots wait on one storage
     for name, (tensor, decision) in saved.items():
         if tensor is None:
             continue
@@ -267,17 +263,18 @@ def apply(
             stock_sizes[storage[0]] = storage[1]
         if decision is KEEP and storage is not None and not tracing and tensor.requires_grad:
             decision = _rebuild_or_keep(tensor)
+        if isinstance(decision, EncodeWhenUnshared) and storage is None:
+            decision = KEEP  # a parameter: it lives on, unshared never
         if decision is KEEP or (tracing and decision is not DROP) or tensor.numel() == 0:
             # (encodings are eager-only: tracing keeps the tensor; an empty one costs nothing)
             if storage is not None:
                 kept_sizes[storage[0]] = storage[1]
             continue
-        if decision.label not in labels:  # one count per call and kind of change
-            labels.append(decision.label)
+        labels.append(decision.label)
         output = _output_index(tensor, outputs)
         node_name = node.name() if output is not None else None
         # stock checks a saved tensor's version only where no saved-tensor hooks are in play
-        origin = Origin.of(tensor, node_name) if user_hooks is None else None
+        origin = Origin.of(tensor, node_name) if user_hooks is None and not tracing else None
         if decision is DROP:
             hook(node, name, Ghost(origin))
             decided.append(name)
@@ -287,9 +284,9 @@ def apply(
             encoded_bytes += holder.nbytes
             decided.append(name)
         elif isinstance(decision, EncodeWhenUnshared):
-            nbytes = 0
-            if storage is not None:
-                kept_sizes[storage[0]] = nbytes = storage[1]
+            kept_sizes[storage[0]] = storage[1]
+            nbytes = 0 if storage[0] in waited_storages else storage[1]
+            waited_storages.add(storage[0])
             holder = None
             # stock keeps a node's own output (one that requires grad) as a separate alias:
             # the tensor can die before the node; anything else it keeps as is, so a
@@ -315,7 +312,7 @@ def apply(
 def _rebuild_or_keep(tensor: Tensor) -> Decision:
     """A tensor this node keeps as it is, and that backward could rebuild from what the graph
     keeps anyway: rebuild it, once unshared (see :mod:`.recipes`)."""
-    base = tensor if tensor._base is None else tensor._base
+    base, _view = view_in_base(tensor)
     grad_fn = base.grad_fn
     if grad_fn is None or not has_recipe(grad_fn):
         return KEEP

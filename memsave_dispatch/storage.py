@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from torch import Tensor
 from torch.nn import Parameter
 
-__all__ = ["storage_key", "storage_bytes", "is_parameter"]
+__all__ = ["storage_key", "storage_bytes", "is_parameter", "view_in_base"]
 
 
 def is_parameter(tensor: Tensor) -> bool:
@@ -51,3 +51,12 @@ def storage_bytes(tensors: Iterable[Tensor | None], tracing: bool = False) -> in
             if found is not None:
                 sizes[found[0]] = found[1]
     return sum(sizes.values())
+
+
+def view_in_base(tensor: Tensor) -> tuple[Tensor, tuple | None]:
+    """(the tensor's base, where in it the tensor lies: sizes, strides, storage offset), or
+    (the tensor, None) for a tensor that is not a view."""
+    base = tensor._base
+    if base is None:
+        return tensor, None
+    return base, (tensor.shape, tensor.stride(), tensor.storage_offset())

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memsave_dispatch import MemSaveMode
+from memsave_dispatch import mode as mode_module
 from tools.bench.models import SmallConvNet, freeze
 
 
@@ -144,3 +145,17 @@ def test_make_fx_traces_stock_under_the_mode():
     report = mode.report()
     assert report.handled == 0
     assert report["aten.max_pool2d_with_indices.default"].to_stock == {"make_fx tracing": 2}
+
+
+def test_the_compile_cache_tag_changes_with_the_handlers_and_the_package_code(monkeypatch):
+    """Persistent compile caches must not serve a graph traced through other handlers, or
+    through an older version of the engine, to this mode."""
+    outside = torch.compiler.config.cache_key_tag
+    with MemSaveMode():
+        tag = torch.compiler.config.cache_key_tag
+    assert tag != outside and torch.compiler.config.cache_key_tag == outside
+    with MemSaveMode(exclude="pooling"):
+        assert torch.compiler.config.cache_key_tag not in (outside, tag)
+    monkeypatch.setattr(mode_module, "_package_identity", lambda: "an edited engine")
+    with MemSaveMode():
+        assert torch.compiler.config.cache_key_tag not in (outside, tag)

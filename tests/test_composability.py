@@ -99,7 +99,8 @@ def test_non_reentrant_checkpoint_region_is_left_to_stock_and_counted():
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     with MemSaveMode() as mode:
         model(x).sum().backward()
-    assert mode.report()["aten.convolution.default"].to_stock == {"checkpointed region": 2}
+    # the forward's call is counted as the region's; its recomputation runs during backward
+    assert mode.report()["aten.convolution.default"].to_stock == {"checkpointed region": 1, "during backward": 1}
 
 
 # -- saved-tensor hooks -----------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from memsave_dispatch import MemSaveMode, audit, saved_tensor_bytes
+from memsave_dispatch.meter import allocator_bytes
 from memsave_dispatch.handlers import Recipe, Slot, register_recipe, unregister_recipe
 from tests.support import assert_bit_identical, compare_with_stock
 from tools.bench.encoders import FINE_TUNING, Config, bert_shaped
@@ -140,8 +141,8 @@ def test_a_backward_through_the_producer_first_leaves_the_consumer_its_tensor():
     keeps it, and the head's gradient is stock's."""
     results = []
     for use_mode in (False, True):
-        x = torch.randn(2, 3, 8, 8, requires_grad=True)
-        v = torch.randn(2, 3, 8, 4, requires_grad=True)
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        v = torch.randn(2, 3, 8, 4, generator=torch.Generator().manual_seed(2), requires_grad=True)
         with MemSaveMode() if use_mode else contextlib.nullcontext():
             torch.manual_seed(0)
             probabilities = torch.softmax(x * 1, -1)
@@ -178,3 +179,98 @@ def test_a_recipe_registered_by_the_user_is_used():
         assert mode.report["mm"].encodings == {"rebuilt": 1}
     finally:
         unregister_recipe("SinBackward0")
+
+
+def _three_heads(x, v, aux_first: bool, retain: bool):
+    """Attention probabilities dropped out once and read by three products (one base, three
+    consumers of its rebuild); optionally an auxiliary backward through the softmax first."""
+    probabilities = torch.softmax(x * 1, -1)
+    dropped = F.dropout(probabilities, 0.25)
+    outs = [torch.matmul(dropped, v * k) for k in (1.0, 2.0, 3.0)]
+    if aux_first:  # while ``dropped`` is still alive: nothing has been dropped yet
+        probabilities.pow(2).sum().backward(inputs=[x], retain_graph=retain)
+    del dropped
+    return outs, probabilities
+
+
+@pytest.mark.parametrize("retain", (False, True), ids=["aux backward", "aux backward, retain_graph"])
+@pytest.mark.parametrize("aux_first", (False, True), ids=["tensor dies first", "producer runs first"])
+def test_three_consumers_of_one_rebuilt_tensor_match_stock(aux_first, retain):
+    """However backward passes interleave with the forward (a producer backpropagated while its
+    output lives, or after; retain_graph and a second pass), the gradients are stock's."""
+    results = []
+    for use_mode in (False, True):
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        v = torch.randn(2, 3, 8, 4, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        with MemSaveMode() if use_mode else contextlib.nullcontext():
+            torch.manual_seed(0)
+            outs, probabilities = _three_heads(x, v, aux_first, retain)
+            loss = sum(out.sum() for out in outs)
+            loss.backward(inputs=[v], retain_graph=True)  # reads the rebuilt tensor, not the softmax
+            if not aux_first:
+                probabilities.pow(2).sum().backward(inputs=[x], retain_graph=retain)
+            loss.backward(inputs=[v])  # a second pass over the same graph
+        results.append((x.grad, v.grad))
+    for mode, stock in zip(results[1], results[0]):
+        assert_bit_identical(mode, stock)
+
+
+def test_a_rebuilt_tensor_kept_for_three_consumers_costs_no_more_than_stocks():
+    """A producer backpropagated first rebuilds the base once, and its three consumers share it:
+    what is left allocated afterwards (the allocator's own count) is not above stock's."""
+    left = []
+    for use_mode in (False, True):
+        x = torch.randn(2, 3, 64, 64, requires_grad=True)
+        v = torch.randn(2, 3, 64, 4, requires_grad=True)
+
+        def forward_and_aux_backward():
+            torch.manual_seed(0)
+            probabilities = torch.softmax(x * 1, -1)
+            dropped = F.dropout(probabilities, 0.25)
+            outs = [torch.matmul(dropped, v * k) for k in (1.0, 2.0, 3.0)]
+            del dropped
+            probabilities.pow(2).sum().backward(inputs=[x])  # the softmax's slots are freed
+            return outs
+
+        with MemSaveMode() if use_mode else contextlib.nullcontext():
+            measured = allocator_bytes(forward_and_aux_backward)
+        left.append(measured.net)
+        del measured
+    stock, mode = left
+    probabilities_bytes = 2 * 3 * 64 * 64 * 4
+    assert mode <= stock and stock - mode < probabilities_bytes  # one rebuild held, not three
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_a_rebuilt_cast_to_channels_last_keeps_its_layout(dtype):
+    """A GELU output cast to channels_last, read by a convolution whose weight trains: the cast
+    is rebuilt from the GELU's input, in the layout (and dtype) the convolution saw."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 3, 8, 8, generator=generator, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, generator=generator, requires_grad=True)
+
+    def fn(a, w):
+        h = F.gelu(a * 1).to(dtype=dtype, memory_format=torch.channels_last)
+        return F.conv2d(h, w.to(dtype))
+
+    stock, mode = compare_with_stock(fn, {"a": a, "w": w})
+    h_bytes = a.numel() * torch.finfo(dtype).bits // 8
+    assert stock.saved_bytes - mode.saved_bytes == h_bytes
+    assert mode.report["convolution"].encodings == {"rebuilt": 1}
+
+
+def test_two_rebuilt_slots_in_one_call_are_counted_once_each():
+    """A product of two rebuildable tensors keeps neither: two rebuilds, and the report's bytes
+    are stock's minus both, never negative."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 8, generator=generator, requires_grad=True)
+    y = torch.randn(2, 8, 8, generator=generator, requires_grad=True)
+
+    def fn(x, y):
+        return torch.bmm(F.gelu(x * 1), F.gelu(y * 1))  # GELU keeps its input, not its output
+
+    stock, mode = compare_with_stock(fn, {"x": x, "y": y})
+    assert stock.saved_bytes - mode.saved_bytes == 2 * x.numel() * 4
+    row = mode.report["bmm"]
+    assert row.encodings == {"rebuilt": 2}
+    assert row.stock_bytes == 2 * x.numel() * 4 and row.kept_bytes == 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memsave_dispatch import MemSaveMode, slots
+from memsave_dispatch import MemSaveMode, audit, slots
 from tests.support import assert_bit_identical, compare_with_stock
 
 FROZEN = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(7))
@@ -244,6 +244,10 @@ def test_nothing_waits_for_a_tensor_once_it_died_or_the_mode_exited():
         kept = F.relu(x * 1)
         F.avg_pool2d(F.relu(x * 1), 2)
         assert slots.pending_count() == 1  # the temporary died and was encoded; kept waits
+        out = kept.sum()
     assert slots.pending_count() == 0
-    del kept
+    del kept  # dies after the mode exited: its node keeps it as stock does, no mask is made
     gc.collect()
+    assert slots.pending_count() == 0
+    assert audit(out).node_types["ReluBackward0"].forms == {"as stock": 1}
+    assert audit(out).total_bytes == x.numel() * 4

@@ -19,6 +19,7 @@ import functools
 
 import torch
 
+from .._compat import saved_value
 from ..handlers import (
     CPU_AND_CUDA,
     KEEP,
@@ -60,8 +61,8 @@ class _NoiseDropout(SavingPolicy):
     @staticmethod
     def saved(args, outputs):
         p = args[1]
-        noise = outputs[0].grad_fn._saved_other  # the Mul node the composite built
-        if not encodings_enabled():
+        noise = saved_value(outputs[0].grad_fn, "other")  # the Mul node the composite built
+        if not encodings_enabled() or not _train_and_random(*args[:3]):  # a product with 0
             return {"other": Saved(noise, KEEP)}
         codec = BitMaskCodec(_is_nonzero, 0.0, _kept_value(noise.dtype, p, noise.device), values_exact=True)  # two-valued
         return {"other": Saved(noise, Encode(codec))}

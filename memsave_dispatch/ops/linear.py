@@ -35,22 +35,10 @@ class Addmm(SavingPolicy):
         return _product_operands(args[1], args[2])
 
 
-@register_handler(aten.mm.default)
+@register_handler(aten.mm.default, aten.bmm.default)
 class Mm(SavingPolicy):
-    """out = self @ mat2 (``nn.Linear`` without bias). Stock names the slots self/mat2."""
-
-    family = "linear"
-    devices = CPU_AND_CUDA
-
-    @staticmethod
-    def saved(args, outputs):
-        operands = _product_operands(args[0], args[1])
-        return {"self": operands["mat1"], "mat2": operands["mat2"]}
-
-
-@register_handler(aten.bmm.default)
-class Bmm(SavingPolicy):
-    """out = self @ mat2, batched (attention's scores and context)."""
+    """out = self @ mat2 (``nn.Linear`` without bias), batched too (attention's scores and
+    context). Stock names the slots self/mat2."""
 
     family = "linear"
     devices = CPU_AND_CUDA

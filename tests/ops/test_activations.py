@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.support import DTYPES, compare_with_stock
+from memsave_dispatch import MemSaveMode
+from memsave_dispatch.meter import allocator_bytes
+from tests.support import DTYPES, assert_bit_identical, compare_with_stock
 
 SPECIAL = [math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-45, -1e-45, 1.0, -1.0]
 
@@ -248,3 +251,29 @@ def test_relu_mask_is_made_once_the_activation_is_no_longer_shared():
         del y
         assert mode.report()["aten.relu.default"].encodings == {"1-bit mask": 1}
     out.sum().backward()
+
+
+@pytest.mark.parametrize("name", ("leaky_relu", "hardtanh", "threshold", "relu"))
+def test_an_activation_of_a_parameter_grows_nothing(name):
+    """An activation applied to a parameter itself (a learned gate, a clamped scale): the
+    parameter lives anyway, so keeping it costs nothing, and an encoding would only add its
+    bytes. What the forward leaves allocated (the allocator's count) is not above stock's."""
+    activation = {
+        "leaky_relu": lambda w: F.leaky_relu(w, 0.1),
+        "hardtanh": lambda w: F.hardtanh(w, -0.5, 0.5),
+        "threshold": lambda w: F.threshold(w, 0.1, 20.0),
+        "relu": F.relu,
+    }[name]
+    weight = torch.nn.Parameter(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
+    frozen = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    left = []
+    for use_mode in (False, True):
+        with MemSaveMode() if use_mode else contextlib.nullcontext():
+            measured = allocator_bytes(lambda: F.linear(frozen, activation(weight)).sum())
+            measured.result.backward()
+        left.append(measured.net)
+        gradient, weight.grad = weight.grad, None
+        left.append(gradient)
+    stock_bytes, stock_gradient, mode_bytes, mode_gradient = left
+    assert mode_bytes <= stock_bytes
+    assert_bit_identical(mode_gradient, stock_gradient)

@@ -56,3 +56,14 @@ def test_inplace_dropout_on_a_view_runs_stock(dtype):
     assert mode.saved_bytes == stock.saved_bytes
     report = mode.report["aten.dropout_.default"]
     assert report.handled == 0 and report.to_stock == {"in place on a view": 1}
+
+
+# stock's native_dropout hands an empty input back as its own output (a leaf in the graph's
+# interior): its backward raises, stock and mode alike
+@pytest.mark.parametrize("name", sorted(set(DROPOUTS) - {"native"}))
+@pytest.mark.parametrize("shape", ((0, 6, 5, 7), (4, 0, 5, 7)), ids=["no batch", "no channels"])
+def test_empty_dropout_matches_stock(name, shape):
+    dropout, _ = DROPOUTS[name]
+    x = torch.randn(shape, requires_grad=True)
+    stock, mode = compare_with_stock(_seeded(dropout, 0.5, True), {"x": x})
+    assert mode.saved_bytes <= stock.saved_bytes

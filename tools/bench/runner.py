@@ -212,7 +212,7 @@ def bench_case(
                 results[runner.column.key] = measure(runner)
             except Exception as error:  # a model torch.compile cannot handle must not stop the run
                 cells[runner.column.key].error = f"{type(error).__name__}: {error}"[:300]
-                del runners[runner.column.key]
+                runners.pop(runner.column.key)
         return results
 
     with compile_settings(config.compile_backend):
