@@ -247,7 +247,8 @@ def bench_case(
         if runner.column.compiled:
             cells[key].graphs, cells[key].graph_breaks = runner.graphs, runner.graph_breaks
     engine.uninstall()
-    del setup, runners, compiled
+    runners.clear()  # the models they hold go before the collection below
+    del setup, compiled
     torch._dynamo.reset()
     gc.collect()
     return cells
