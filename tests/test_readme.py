@@ -60,3 +60,16 @@ def test_the_handler_example_runs_and_matches_stock():
     finally:
         if op in registered_ops():
             unregister_handler(op)
+
+
+def test_the_transformer_table_is_the_one_the_benchmark_wrote():
+    results = json.loads((ROOT / "docs" / "bench-transformers.json").read_text())
+    assert _section("transformer-table") == markdown(results)
+    assert all(row["columns"]["mode"]["exact"] for row in results["rows"])
+
+
+def test_the_hugging_face_table_is_the_one_the_benchmark_wrote():
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    table = re.search(r"<!-- hf-table:start -->\n(.*?)<!-- hf-table:end -->", page, re.S)
+    assert table, "docs/benchmarks.md has no hf-table section"
+    assert table.group(1) == markdown(json.loads((ROOT / "docs" / "bench-hf.json").read_text()))

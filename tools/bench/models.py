@@ -223,9 +223,10 @@ class LoRA(nn.Module):
         self.base = base
         self.drop: nn.Module = nn.Dropout(dropout) if dropout else nn.Identity()
         base.requires_grad_(False)
-        if isinstance(base, nn.Linear):
-            self.down: nn.Module = nn.Linear(base.in_features, rank, bias=False)
-            self.up: nn.Module = nn.Linear(rank, base.out_features, bias=False)
+        if isinstance(base, nn.Linear) or _is_transposed_linear(base):
+            features_in, features_out = (base.in_features, base.out_features) if isinstance(base, nn.Linear) else base.weight.shape
+            self.down: nn.Module = nn.Linear(features_in, rank, bias=False)
+            self.up: nn.Module = nn.Linear(rank, features_out, bias=False)
         elif isinstance(base, nn.Conv2d):
             self.down = nn.Conv2d(
                 base.in_channels,
@@ -250,8 +251,14 @@ class LoRA(nn.Module):
         return self.base(x) + self.scale * self.up(self.down(self.drop(x)))
 
 
+def _is_transposed_linear(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer keeping its weight as (in, out), ``nf`` outputs."""
+    weight = getattr(module, "weight", None)
+    return hasattr(module, "nf") and isinstance(weight, torch.Tensor) and weight.dim() == 2
+
+
 def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None, dropout: float = 0.0) -> list[LoRA]:
-    """Wrap every ``nn.Linear`` and ``nn.Conv2d`` submodule of ``model`` in place in a :class:`LoRA` of
+    """Wrap every ``nn.Linear`` (GPT-2's ``Conv1D`` too) and ``nn.Conv2d`` submodule of ``model`` in place in a :class:`LoRA` of
     the given rank (their weights and biases frozen) and return the wrappers.
 
     Other parameters keep their ``requires_grad``: freeze them first for classic LoRA. Layers
@@ -266,7 +273,7 @@ def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None, dropou
         if isinstance(module, (nn.MultiheadAttention, LoRA)):
             return
         for name, child in module.named_children():
-            if isinstance(child, (nn.Linear, nn.Conv2d)):
+            if isinstance(child, (nn.Linear, nn.Conv2d)) or _is_transposed_linear(child):
                 wrapper = LoRA(child, rank, alpha, dropout)
                 setattr(module, name, wrapper)
                 wrappers.append(wrapper)
