@@ -15,21 +15,25 @@ from rich.console import Console
 from memsave_dispatch.demo import run_demo
 from memsave_dispatch.handlers import registered_ops, unregister_handler
 from tests.support import compare_with_stock
-from tools.bench.render import markdown
+from tools.bench.render import markdown, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
 
-def _section(name: str) -> str:
-    match = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", README, re.S)
-    assert match, f"README has no {name} section"
+def _section(name: str, page: str = "README.md") -> str:
+    text = README if page == "README.md" else (ROOT / page).read_text()
+    match = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", text, re.S)
+    assert match, f"{page} has no {name} section"
     return match.group(1)
 
 
+def _results(name: str) -> dict:
+    return json.loads((ROOT / "docs" / name).read_text())
+
+
 def test_the_benchmark_table_is_the_one_the_benchmark_wrote():
-    results = json.loads((ROOT / "docs" / "bench-quick.json").read_text())
-    assert _section("bench-table") == markdown(results)
+    assert _section("bench-table") == markdown(_results("bench-quick.json"))
 
 
 def test_the_demo_summary_is_what_the_demo_prints():
@@ -63,13 +67,11 @@ def test_the_handler_example_runs_and_matches_stock():
 
 
 def test_the_transformer_table_is_the_one_the_benchmark_wrote():
-    results = json.loads((ROOT / "docs" / "bench-transformers.json").read_text())
+    results = _results("bench-transformers.json")
     assert _section("transformer-table") == markdown(results)
     assert all(row["columns"]["mode"]["exact"] for row in results["rows"])
 
 
-def test_the_hugging_face_table_is_the_one_the_benchmark_wrote():
-    page = (ROOT / "docs" / "benchmarks.md").read_text()
-    table = re.search(r"<!-- hf-table:start -->\n(.*?)<!-- hf-table:end -->", page, re.S)
-    assert table, "docs/benchmarks.md has no hf-table section"
-    assert table.group(1) == markdown(json.loads((ROOT / "docs" / "bench-hf.json").read_text()))
+def test_the_benchmark_pages_tables_are_the_ones_the_benchmark_wrote():
+    assert _section("hf-table", "docs/benchmarks.md") == markdown(_results("bench-hf.json"))
+    assert _section("full-table", "docs/benchmarks.md") == markdown_table(_results("bench-full.json"))
