@@ -38,6 +38,7 @@ from .authoring import (
 from .codecs import BitMask, BitMaskCodec, Codec, two_value_table
 from .decisions import DROP, KEEP, Decision, Encode, EncodeWhenUnshared, Saved
 from .recipes import (
+    REBUILDS_AVAILABLE,
     Attr,
     Input,
     Noted,
@@ -77,6 +78,7 @@ __all__ = [
     "Noted",
     "OutputDtype",
     "register_recipe",
+    "REBUILDS_AVAILABLE",
     "unregister_recipe",
     "note",
     "keeps",

@@ -51,6 +51,7 @@ from .holders import UNSHARED_KEY, inspect_slot
 from .storage import is_parameter, view_in_base
 
 __all__ = [
+    "REBUILDS_AVAILABLE",
     "Slot",
     "Input",
     "Attr",
@@ -67,6 +68,12 @@ __all__ = [
     "Rebuild",
     "MAX_DEPTH",
 ]
+
+
+#: Whether this torch release lets the mode rebuild tensors (2.13 and later: a saved slot can be
+#: read without unpacking it). Before, recipes are registered but never used: such tensors are
+#: kept as stock keeps them.
+REBUILDS_AVAILABLE: bool = SAVED_SLOTS_READABLE
 
 
 class Slot(NamedTuple):
@@ -351,7 +358,7 @@ def plan(tensor: Tensor, made: Plan | None = None) -> tuple[Plan, tuple | None] 
     """A plan to rebuild ``tensor`` (and, for a view, its place in its base), or None.
     ``made``: the plan another consumer of the same base already has (shared, so that one
     rebuild serves them all), if the base has not changed since."""
-    if not SAVED_SLOTS_READABLE:
+    if not REBUILDS_AVAILABLE:
         return None  # before torch 2.13, reading a slot would unpack it (and run its hooks)
     base, geometry = view_in_base(tensor)
     if made is None or made.version != base._version:

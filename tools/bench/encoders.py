@@ -102,10 +102,13 @@ class BertSelfAttention(nn.Module):
         return context_layer.view(*context_layer.shape[:-2], self.all_head_size)
 
 
-class BertSelfOutput(nn.Module):
-    def __init__(self, c: Config):
+class BertOutput(nn.Module):
+    """BertSelfOutput (``features`` d) and BertOutput (``features`` ff): dense, dropout, the
+    residual, LayerNorm."""
+
+    def __init__(self, c: Config, features: int):
         super().__init__()
-        self.dense = nn.Linear(c.d, c.d)
+        self.dense = nn.Linear(features, c.d)
         self.LayerNorm = nn.LayerNorm(c.d, eps=c.eps)
         self.dropout = nn.Dropout(c.dropout)
 
@@ -117,7 +120,7 @@ class BertAttention(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.self = BertSelfAttention(c)
-        self.output = BertSelfOutput(c)
+        self.output = BertOutput(c, c.d)
 
     def forward(self, hidden_states, attention_mask=None):
         return self.output(self.self(hidden_states, attention_mask), hidden_states)
@@ -133,23 +136,12 @@ class BertIntermediate(nn.Module):
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
-class BertOutput(nn.Module):
-    def __init__(self, c: Config):
-        super().__init__()
-        self.dense = nn.Linear(c.ff, c.d)
-        self.LayerNorm = nn.LayerNorm(c.d, eps=c.eps)
-        self.dropout = nn.Dropout(c.dropout)
-
-    def forward(self, hidden_states, input_tensor):
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
-
-
 class BertLayer(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.attention = BertAttention(c)
         self.intermediate = BertIntermediate(c)
-        self.output = BertOutput(c)
+        self.output = BertOutput(c, c.ff)
 
     def forward(self, hidden_states, attention_mask=None):
         attention_output = self.attention(hidden_states, attention_mask)
