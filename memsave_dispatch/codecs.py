@@ -20,11 +20,14 @@ from __future__ import annotations
 import collections
 import math
 import sys
+import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from ._compat import is_compiling
 
 __all__ = [
     "Codec",
@@ -187,17 +190,20 @@ def two_value_table(dtype: torch.dtype, low: float, high: float, device: torch.d
     table = _PINNED_TABLES.get(key)
     if table is not None:
         return table
-    table = _RECENT_TABLES.get(key)
-    if table is None:
-        bits = _PINNED_TABLES.get((*_table_key(torch.bool, False, True), device))
-        if bits is None:
-            bits = byte_patterns(device).bool()
-        table = torch.full(bits.shape, low, dtype=dtype, device=device).masked_fill_(bits, high)
-        _RECENT_TABLES[key] = table
-        if len(_RECENT_TABLES) > _TABLES_KEPT:
-            _RECENT_TABLES.popitem(last=False)
-    else:
-        _RECENT_TABLES.move_to_end(key)
+    with _TABLES_LOCK:
+        table = _RECENT_TABLES.get(key)
+        if table is not None:
+            _RECENT_TABLES.move_to_end(key)
+            return table
+    bits = _PINNED_TABLES.get((*_table_key(torch.bool, False, True), device))
+    if bits is None:
+        bits = byte_patterns(device).bool()
+    table = torch.full(bits.shape, low, dtype=dtype, device=device).masked_fill_(bits, high)
+    if not is_compiling():  # a table made while torch.compile traces is a fake tensor
+        with _TABLES_LOCK:
+            _RECENT_TABLES[key] = table
+            if len(_RECENT_TABLES) > _TABLES_KEPT:
+                _RECENT_TABLES.popitem(last=False)
     return table
 
 
@@ -212,6 +218,7 @@ def _table_key(dtype: torch.dtype, low: float, high: float) -> tuple:
 _PINNED_TABLES: dict[tuple, Tensor] = {}
 _RECENT_TABLES: collections.OrderedDict[tuple, Tensor] = collections.OrderedDict()
 _TABLES_KEPT = 64
+_TABLES_LOCK = threading.Lock()  # backward runs decodes in a thread per device
 for _dtype in (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64):
     two_value_table(_dtype, 0, 1)
 _PINNED_TABLES.update(_RECENT_TABLES)

@@ -61,7 +61,7 @@ from ._compat import (
     skip_in_dynamo,
     stock_kernel,
 )
-from .recipes import has_recipe
+from .recipes import REBUILDS_AVAILABLE, has_recipe
 from .registry import HandlerEntry
 from .storage import storage_bytes
 
@@ -181,23 +181,27 @@ def _route(entry: HandlerEntry, device, stock, active: list, keyset, args: tuple
             # autograd wraps the node of an in-place call on a view in a CopySlices node on
             # the base: its saved slots are out of a handler's reach
             reason = "in place on a view"
+    user_hooks = default_hooks() if reason is None else None
+    if user_hooks is not None and (is_checkpoint_hooks(user_hooks) or not saved_tensor_hooks_enabled()):
+        # Non-reentrant checkpointing recomputes the region during backward, where calls run
+        # stock, and the recomputation must save exactly what the first pass saved
+        reason = "checkpointed region"
     if reason is not None:
-        for scope in active:
-            scope.tallies.of(entry.op, entry.family).add_stock(reason)
+        _tally_stock(entry, active, reason)
         return stock.call_boxed(keyset, *args, **kwargs)
     if entry.is_policy:
-        return _run_policy(entry, stock, active, keyset, args, kwargs, full_arguments)
+        return _run_policy(entry, stock, active, keyset, args, kwargs, full_arguments, user_hooks)
     return _run_handler(entry, active, full_arguments)
 
 
-def _run_policy(entry: HandlerEntry, stock, active: list, keyset, args: tuple, kwargs: dict, full_arguments: tuple):
-    user_hooks = default_hooks()
-    if user_hooks is not None and (is_checkpoint_hooks(user_hooks) or not saved_tensor_hooks_enabled()):
-        # Non-reentrant checkpointing recomputes the region, and its recomputation must save
-        # exactly what its first pass saved: leave it alone.
-        for scope in active:
-            scope.tallies.of(entry.op, entry.family).add_stock("checkpointed region")
-        return stock.call_boxed(keyset, *args, **kwargs)
+def _tally_stock(entry: HandlerEntry, active: list, reason: str) -> None:
+    for scope in active:
+        scope.tallies.of(entry.op, entry.family).add_stock(reason)
+
+
+def _run_policy(
+    entry: HandlerEntry, stock, active: list, keyset, args: tuple, kwargs: dict, full_arguments: tuple, user_hooks
+):
     previous = full_arguments[0].grad_fn if entry.in_place else None
     if user_hooks is None:
         outputs = stock.call_boxed(keyset, *args, **kwargs)
@@ -208,7 +212,12 @@ def _run_policy(entry: HandlerEntry, stock, active: list, keyset, args: tuple, k
     if node is None:  # nothing required grad after all (e.g. integer outputs)
         return outputs
     if node is previous or (not entry.in_place and any(output is argument for output in as_tuple for argument in args)):
-        return outputs  # stock changed nothing (it handed an input back): the node is not this call's
+        # stock handed an input back (an empty or no-op dropout): the node is not this call's
+        # to change, or has nothing to spare
+        if user_hooks is not None and node is not previous:
+            slots.give_user_hooks(node, user_hooks)
+        _tally_stock(entry, active, "input handed back")
+        return outputs
     handler = entry.handler
     saved = handler.saved(full_arguments, as_tuple)
     slots.check_slot_names(handler, entry.op, node, saved)
@@ -290,7 +299,7 @@ def _an_input_is_rebuildable(entry: HandlerEntry, args: tuple, kwargs: dict) -> 
     for tensor in entry.tensor_arguments(args, kwargs):
         if tensor is not None and tensor.requires_grad:
             base = tensor if tensor._base is None else tensor._base
-            if base.grad_fn is not None and has_recipe(base.grad_fn):
+            if base.grad_fn is not None and REBUILDS_AVAILABLE and has_recipe(base.grad_fn):
                 return True
     return False
 

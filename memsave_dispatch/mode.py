@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import inspect
 import pathlib
 import sys
@@ -242,6 +243,10 @@ def _package_identity() -> str:
     """A hash of this package's own sources: the engine, slots and codecs a compiled graph was
     traced through are baked into it as much as the handlers are."""
     digest = hashlib.sha256()
+    try:  # also where the sources are not files (a zipped or bytecode-only install)
+        digest.update(importlib.metadata.version("memsave-dispatch").encode())
+    except importlib.metadata.PackageNotFoundError:
+        pass
     package = pathlib.Path(__file__).parent
     for path in sorted(package.rglob("*.py")):
         digest.update(str(path.relative_to(package)).encode())

@@ -162,9 +162,6 @@ class _Bound:
     recipe: Recipe
     dtype: torch.dtype | None  # of the output, where known
     inputs: dict[int, _Bound] = field(default_factory=dict)
-    # copies of the parameters the recipe reads, taken when bound: a parameter's memory may be
-    # gone by the consumer's backward (FSDP reshards it) or changed behind autograd (.data)
-    parameters: dict[str, Tensor] = field(default_factory=dict)
 
     def run(self) -> Tensor:
         recipe = self.recipe
@@ -177,8 +174,6 @@ class _Bound:
 
     def _value(self, spec: Any) -> Any:
         if isinstance(spec, Slot):
-            if spec.name in self.parameters:
-                return self.parameters[spec.name]
             return saved_value(self.node, spec.name)  # unpacks: the slot's own version check
         if isinstance(spec, Input):
             return self.inputs[spec.index].run()
@@ -193,14 +188,11 @@ class _Bound:
     def nodes(self) -> list[Any]:
         return [self.node, *(node for bound in self.inputs.values() for node in bound.nodes())]
 
-    def copies(self) -> list[Tensor]:
-        return [*self.parameters.values(), *(t for bound in self.inputs.values() for t in bound.copies())]
-
     def readable(self) -> bool:
         """Whether every slot the recipe reads still holds its tensor (a backward pass that
         ran the node since freed them)."""
         for spec in self.recipe.args + tuple(self.recipe.kwargs.values()):
-            if isinstance(spec, Slot) and spec.name not in self.parameters and not _readable(self.node, spec):
+            if isinstance(spec, Slot) and not _readable(self.node, spec):
                 return False
         return all(bound.readable() for bound in self.inputs.values())
 
@@ -254,10 +246,10 @@ def _bind(node: Any, output_nr: int, dtype: torch.dtype | None, depth: int) -> _
             if not _readable(node, spec):
                 return None
             value = saved_value(node, spec.name)
-            if value is not None and is_parameter(value):
-                if value.untyped_storage().nbytes() == 0:
-                    return None  # not there now (a sharded parameter): nothing to copy
-                bound.parameters[spec.name] = value.detach().clone()
+            if value is not None and is_parameter(value) and value.untyped_storage().nbytes() == 0:
+                # a sharded parameter (FSDP2 freed it after its unit's forward): it is there
+                # again for its own node's backward, not necessarily for this consumer's
+                return None
         if isinstance(spec, OutputDtype) and dtype is None:
             return None
         if isinstance(spec, Noted) and spec.key not in node.metadata.get(_NOTES_KEY, {}):
@@ -286,10 +278,6 @@ class Plan:
         self.version = tensor._version
         self._rebuilt: Tensor | None = None
         self._armed = False
-
-    def copies(self) -> tuple[Tensor, ...]:
-        """What the plan keeps itself: copies of the (small) parameters it reads."""
-        return tuple(self.base.copies())
 
     def readable(self) -> bool:
         return self.base.readable()
@@ -370,8 +358,8 @@ def plan(tensor: Tensor, made: Plan | None = None) -> tuple[Plan, tuple | None] 
 
 
 class Rebuild(Codec):
-    """Keeps nothing of the tensor (the plan's parameter copies, a few values); decodes by
-    rebuilding the base (then the view, for a view)."""
+    """Keeps nothing of the tensor (the plan reads the slots the graph keeps anyway); decodes
+    by rebuilding the base (then the view, for a view)."""
 
     name = "rebuilt"
     values_exact = True
@@ -380,7 +368,7 @@ class Rebuild(Codec):
         self.plan, self.geometry = plan, geometry
 
     def encode(self, tensor: Tensor) -> tuple[tuple[Tensor, ...], object]:
-        return self.plan.copies(), None
+        return (), None
 
     def decode(self, kept: tuple[Tensor, ...], meta: object) -> Tensor:
         base = self.plan.run_base()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -48,6 +48,7 @@ __all__ = [
     "apply",
     "check_slot_names",
     "run_without_default_hooks",
+    "give_user_hooks",
     "forget_pending",
     "pending_count",
 ]
@@ -198,6 +199,14 @@ def run_without_default_hooks(call: Callable[[], Any]) -> Any:
         push_default_hooks(popped)
 
 
+def give_user_hooks(node: Any, user_hooks: Hooks, skip: Iterable[str] = ()) -> None:
+    """Register the user's saved-tensor hooks on the node's slots (but ``skip``): stock ran
+    without them, and they must see every tensor stock keeps."""
+    for name in saved_slot_names(node):
+        if name not in skip:
+            _register_user_hooks(saved_slot(node, name), user_hooks)
+
+
 def _register_user_hooks(slot: Any, user_hooks: Hooks) -> None:
     for one in slot if isinstance(slot, (list, tuple)) else (slot,):
         try:
@@ -301,9 +310,7 @@ def apply(
         else:
             raise _unknown(decision, op, name)
     if user_hooks is not None:
-        for name in saved_slot_names(node):
-            if name not in decided:
-                _register_user_hooks(saved_slot(node, name), user_hooks)
+        give_user_hooks(node, user_hooks, skip=decided)
     for tensor, entry in waiting:
         _track(tensor, entry)
     return Outcome(sum(stock_sizes.values()), sum(kept_sizes.values()) + encoded_bytes, labels)

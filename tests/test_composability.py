@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memsave_dispatch import MemSaveMode, audit
+from memsave_dispatch.handlers import Handler
 from memsave_dispatch._compat import SAVED_SLOTS_READABLE
 from tests.support import assert_bit_identical, frozen_small_net
 from tools.bench.models import freeze
@@ -101,6 +102,38 @@ def test_non_reentrant_checkpoint_region_is_left_to_stock_and_counted():
         model(x).sum().backward()
     # the forward's call is counted as the region's; its recomputation runs during backward
     assert mode.report()["aten.convolution.default"].to_stock == {"checkpointed region": 1, "during backward": 1}
+
+
+class _SinKeepingCosine(Handler):
+    """A user's Handler that saves another tensor than stock (cos x instead of x)."""
+
+    family = "activation"
+
+    @staticmethod
+    def forward(ctx, input):
+        ctx.save_for_backward(torch.cos(input))
+        return torch.sin(input)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (cosine,) = ctx.saved_tensors
+        return grad * cosine
+
+
+@pytest.mark.parametrize("use_reentrant", (False, True), ids=["non-reentrant", "reentrant"])
+def test_a_users_handler_inside_a_checkpointed_region_runs_as_its_recomputation_does(use_reentrant):
+    """The region's first pass and its recomputation in backward must save the same tensors:
+    both run stock, also for a Handler (its Function saves other tensors than stock's node)."""
+    x = torch.randn(5, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for use_mode in (False, True):
+        leaf = x.clone().requires_grad_()
+        mode = MemSaveMode(handlers={torch.ops.aten.sin.default: _SinKeepingCosine})
+        with mode if use_mode else contextlib.nullcontext():
+            checkpoint(lambda t: torch.sin(t * 2) * 3, leaf, use_reentrant=use_reentrant).sum().backward()
+        grads.append(leaf.grad)
+    assert_bit_identical(grads[1], grads[0])
+    assert mode.report()["sin"].handled == 0
 
 
 # -- saved-tensor hooks -----------------------------------------------------------------

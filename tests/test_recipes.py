@@ -233,8 +233,9 @@ def test_three_consumers_of_one_rebuilt_tensor_match_stock(aux_first, retain):
 @rebuilds
 def test_a_rebuilt_tensor_kept_for_three_consumers_costs_no_more_than_stocks():
     """A producer backpropagated first rebuilds the base once, and its three consumers share it:
-    what is left allocated afterwards (the allocator's own count) is not above stock's."""
-    left = []
+    what is left allocated afterwards (the allocator's own count) is not above stock's, and the
+    consumers' gradients are stock's."""
+    left, grads = [], []
     for use_mode in (False, True):
         x, v = _scores_and_values(64)
 
@@ -247,13 +248,39 @@ def test_a_rebuilt_tensor_kept_for_three_consumers_costs_no_more_than_stocks():
             probabilities.pow(2).sum().backward(inputs=[x])  # the softmax's slots are freed
             return outs
 
-        with MemSaveMode() if use_mode else contextlib.nullcontext():
+        with MemSaveMode() if use_mode else contextlib.nullcontext() as mode:
             measured = allocator_bytes(forward_and_aux_backward)
+            sum(out.sum() for out in measured.result).backward(inputs=[v])
         left.append(measured.net)
+        grads.append(v.grad)
         del measured
-    stock, mode = left
+    stock, rebuilt = left
     probabilities_bytes = 2 * 3 * 64 * 64 * 4
-    assert mode <= stock and stock - mode < probabilities_bytes  # one rebuild held, not three
+    assert mode.report()["bmm"].encodings == {"rebuilt": 3}
+    assert rebuilt <= stock and stock - rebuilt < probabilities_bytes  # one rebuild held, not three
+    assert_bit_identical(grads[1], grads[0])
+
+
+@rebuilds
+def test_a_rebuild_reading_a_parameter_copies_nothing():
+    """A product with a parameter, kept by the next layer: the rebuild reads the parameter
+    where the graph keeps it, so the whole-step peak is not above stock's."""
+    generator = torch.Generator().manual_seed(0)
+    scales = [torch.nn.Parameter(torch.randn(256, 256, generator=generator)) for _ in range(4)]
+    weights = [torch.nn.Parameter(torch.randn(256, 256, generator=generator)) for _ in range(4)]
+    x = torch.randn(256, 256, generator=generator, requires_grad=True)
+
+    def step():
+        h = x * 1
+        for scale, weight in zip(scales, weights):
+            h = F.linear(h * scale, weight)
+        h.sum().backward()
+
+    peaks = []
+    for use_mode in (False, True):
+        with MemSaveMode() if use_mode else contextlib.nullcontext():
+            peaks.append(allocator_bytes(step).peak)
+    assert peaks[1] <= peaks[0]
 
 
 @rebuilds

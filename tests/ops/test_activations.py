@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memsave_dispatch import MemSaveMode
+from memsave_dispatch import MemSaveMode, audit, slots
 from memsave_dispatch.meter import allocator_bytes
 from tests.support import DTYPES, assert_bit_identical, compare_with_stock
 
@@ -269,8 +269,14 @@ def test_an_activation_of_a_parameter_grows_nothing(name):
     left = []
     for use_mode in (False, True):
         with MemSaveMode() if use_mode else contextlib.nullcontext():
-            measured = allocator_bytes(lambda: F.linear(frozen, activation(weight)).sum())
-            measured.result.backward()
+            measured = allocator_bytes(lambda: F.linear(frozen, activation(weight)))
+            if use_mode:  # the parameter never dies: nothing may wait for it, nothing encoded
+                assert slots.pending_count() == 0
+                node_type = f"{name.title().replace('_', '')}Backward0"
+                # the input kept is the parameter itself; relu keeps its output, a new tensor
+                expected = {"1-bit mask"} if name == "relu" else {"as stock"}
+                assert set(audit(measured.result).node_types[node_type].forms) == expected
+            measured.result.sum().backward()
         left.append(measured.net)
         gradient, weight.grad = weight.grad, None
         left.append(gradient)

@@ -3,10 +3,13 @@ outputs and gradients bit-identical under the same seed, 1 bit per element kept.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from memsave_dispatch import MemSaveMode
 from tests.support import DTYPES, compare_with_stock
 
 DROPOUTS = {
@@ -63,7 +66,22 @@ def test_inplace_dropout_on_a_view_runs_stock(dtype):
 @pytest.mark.parametrize("name", sorted(set(DROPOUTS) - {"native"}))
 @pytest.mark.parametrize("shape", ((0, 6, 5, 7), (4, 0, 5, 7)), ids=["no batch", "no channels"])
 def test_empty_dropout_matches_stock(name, shape):
-    dropout, _ = DROPOUTS[name]
+    dropout, op = DROPOUTS[name]
     x = torch.randn(shape, requires_grad=True)
-    stock, mode = compare_with_stock(_seeded(dropout, 0.5, True), {"x": x})
+    stock, mode = compare_with_stock(_seeded(lambda t, p, train: dropout(t * 1, p, train), 0.5, True), {"x": x})
     assert mode.saved_bytes <= stock.saved_bytes
+    row = mode.report[op]
+    assert row.handled + sum(row.to_stock.values()) == 1  # counted, whichever way it went
+
+
+def test_an_empty_dropout_handing_its_input_back_shows_the_users_hooks_what_stock_keeps():
+    packed = []
+    for use_mode in (False, True):
+        shapes = []
+        y = torch.randn(0, 4, requires_grad=True) * 1
+        with MemSaveMode() if use_mode else contextlib.nullcontext() as mode:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+                out, _ = torch.native_dropout(y, 0.5, True)
+        packed.append(shapes)
+    assert packed[1] == packed[0]
+    assert mode.report()["native_dropout"].to_stock == {"input handed back": 1}
