@@ -58,6 +58,7 @@ __all__ = [
     "pending_count",
     "describe_holder",
     "holder_of",
+    "NativeSlot",
 ]
 
 
@@ -189,6 +190,20 @@ class _Encoded:
         return tensor if self.user_hooks is None else self.user_hooks[0](tensor)
 
 
+class NativeSlot:
+    """A slot the compiled engine holds (csrc/holders.cpp), as Python reads it: what it holds
+    and keeps, for the audit; ``unpack`` rebuilds what backward reads (compiled autograd calls
+    it, as it calls any slot's unpack hook)."""
+
+    __slots__ = ("form", "kept", "_unpack")
+
+    def __init__(self, form: str, kept: tuple, unpack: Callable[[], Tensor]) -> None:
+        self.form, self.kept, self._unpack = form, kept, unpack
+
+    def unpack(self, _packed: None = None) -> Tensor:
+        return self._unpack()
+
+
 _HOLDERS_KEY = "memsave_dispatch.slot_holders"
 
 
@@ -204,19 +219,21 @@ def _hook(node: Any, name: str, holder: _Ghost | _Encoded) -> None:
         node.metadata.setdefault(_HOLDERS_KEY, {})[name] = weakref.ref(holder)
 
 
-def holder_of(node: Any, name: str, unpack_hook: Any = None) -> _Ghost | _Encoded | None:
-    """The holder of this library on a slot, if any: from the slot's unpack hook where it
-    shows (torch >= 2.13), else from the node's metadata."""
+def holder_of(node: Any, name: str, unpack_hook: Any = None) -> _Ghost | _Encoded | NativeSlot | None:
+    """The holder of this library on a slot, if any (either engine's): from the slot's unpack
+    hook where it shows (torch >= 2.13), else from the node's metadata."""
     if unpack_hook is not None:
         holder = getattr(unpack_hook, "__self__", None)
-        return holder if isinstance(holder, (_Ghost, _Encoded)) else None
+        return holder if isinstance(holder, (_Ghost, _Encoded, NativeSlot)) else None
     reference = node.metadata.get(_HOLDERS_KEY, {}).get(name) if not SAVED_SLOTS_READABLE else None
     return None if reference is None else reference()
 
 
-def describe_holder(holder: _Ghost | _Encoded) -> tuple[str, tuple]:
+def describe_holder(holder: _Ghost | _Encoded | NativeSlot) -> tuple[str, tuple]:
     """(what the slot holds, what it keeps: tensors, or what the user's hooks packed them
     into) for an audit."""
+    if isinstance(holder, NativeSlot):
+        return holder.form, holder.kept
     if isinstance(holder, _Ghost):
         return DROP.label, ()
     form = EncodeWhenUnshared.label if holder.deferred else holder.codec.name

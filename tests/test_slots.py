@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memsave_dispatch import MemSaveMode, slots
+from memsave_dispatch import MemSaveMode, engine
 from tests.support import assert_bit_identical, compare_with_stock
 
 FROZEN = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(7))
@@ -242,7 +242,7 @@ def test_nothing_waits_for_a_tensor_once_it_died_or_the_mode_exited():
     with MemSaveMode():
         kept = F.relu(x * 1)
         F.avg_pool2d(F.relu(x * 1), 2)
-        assert slots.pending_count() == 1  # the temporary died and was encoded; kept waits
-    assert slots.pending_count() == 0
+        assert engine.pending_count() == 1  # the temporary died and was encoded; kept waits
+    assert engine.pending_count() == 0
     del kept
     gc.collect()
