@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, example, given, settings
@@ -19,6 +20,8 @@ from torch import nn
 
 from memsave_dispatch import MemSaveMode
 from tests.support import compare_with_stock, run_once
+
+pytestmark = pytest.mark.usefixtures("each_engine")  # on both engines
 
 settings.register_profile(
     "ci", max_examples=250, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)

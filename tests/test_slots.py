@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from memsave_dispatch import MemSaveMode, engine
 from tests.support import assert_bit_identical, compare_with_stock
 
+pytestmark = pytest.mark.usefixtures("each_engine")  # on both engines
+
 FROZEN = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(7))
 
 

@@ -87,7 +87,13 @@ struct ThreadState {
 
 // Whether any mode is active in this thread: the only thing a kernel reads outside a mode.
 extern thread_local bool tls_active __attribute__((tls_model("initial-exec")));
-ThreadState& thread_state();
+// This thread's state (initial-exec TLS: one load, no __tls_get_addr call).
+extern thread_local ThreadState* tls_state __attribute__((tls_model("initial-exec")));
+ThreadState& new_thread_state();
+inline ThreadState& thread_state() {
+  ThreadState* state = tls_state;
+  return state ? *state : new_thread_state();
+}
 
 // Settings handed over by the Python side at load (see compiled.py).
 struct Settings {

@@ -15,6 +15,7 @@
 #include <sys/mman.h>
 
 #include <sstream>
+#include <unordered_map>
 
 namespace memsave {
 
@@ -48,28 +49,54 @@ const char* zero_pages(size_t nbytes) {
 }  // namespace
 
 void GhostCore::pack(const at::Tensor& tensor) {
-  sizes.assign(tensor.sizes().begin(), tensor.sizes().end());
-  strides.assign(tensor.strides().begin(), tensor.strides().end());
-  dtype = tensor.scalar_type();
-  phase = int64_t(reinterpret_cast<uintptr_t>(tensor.const_data_ptr()) % kAlignment) / int64_t(tensor.element_size());
+  layout.sizes.assign(tensor.sizes().begin(), tensor.sizes().end());
+  layout.strides.assign(tensor.strides().begin(), tensor.strides().end());
+  layout.dtype = tensor.scalar_type();
+  layout.phase = int64_t(reinterpret_cast<uintptr_t>(tensor.const_data_ptr()) % kAlignment) / int64_t(tensor.element_size());
 }
 
-at::Tensor GhostCore::unpack() {
-  origin.check();
+namespace {
+at::Tensor make_ghost(const Layout& layout) {
   int64_t extent = 1;
-  for (size_t d = 0; d < sizes.size(); ++d) {
-    if (sizes[d] == 0) {
+  for (size_t d = 0; d < layout.sizes.size(); ++d) {
+    if (layout.sizes[d] == 0) {
       extent = 0;
       break;
     }
-    extent += (sizes[d] - 1) * strides[d];
+    extent += (layout.sizes[d] - 1) * layout.strides[d];
   }
-  const size_t nbytes = (phase + extent) * c10::elementSize(dtype) + kAlignment;
-  return at::for_blob(const_cast<char*>(zero_pages(nbytes)), sizes)
-      .strides(strides)
-      .storage_offset(phase)
-      .options(at::TensorOptions().dtype(dtype))
+  const size_t nbytes = (layout.phase + extent) * c10::elementSize(layout.dtype) + kAlignment;
+  return at::for_blob(const_cast<char*>(zero_pages(nbytes)), layout.sizes)
+      .strides(layout.strides)
+      .storage_offset(layout.phase)
+      .options(at::TensorOptions().dtype(layout.dtype))
       .make_tensor();
+}
+
+// Ghosts are never written, and autograd wraps what an unpack hook returns in a variable of its
+// own: one ghost per layout serves every node (a backward pass asks for the same few layouts
+// again and again), as in ghosts.py.
+struct LayoutHash {
+  size_t operator()(const Layout& layout) const {
+    size_t h = std::hash<int>()(static_cast<int>(layout.dtype)) ^ (std::hash<int64_t>()(layout.phase) << 1);
+    for (int64_t v : layout.sizes) h = h * 1000003u ^ std::hash<int64_t>()(v);
+    for (int64_t v : layout.strides) h = h * 1000003u ^ std::hash<int64_t>()(v);
+    return h;
+  }
+};
+
+at::Tensor ghost_of(const Layout& layout) {
+  static thread_local std::unordered_map<Layout, at::Tensor, LayoutHash> cache;
+  auto found = cache.find(layout);
+  if (found != cache.end()) return found->second;
+  if (cache.size() >= 1024) cache.clear();
+  return cache.emplace(layout, make_ghost(layout)).first->second;
+}
+}  // namespace
+
+at::Tensor GhostCore::unpack() {
+  origin.check();
+  return ghost_of(layout);
 }
 
 // -- watches -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 #include "engine.h"
 
 #include <c10/core/TensorImpl.h>
+#include <c10/util/SmallVector.h>
 #include <torch/csrc/autograd/saved_variable.h>
 
 #include <functional>
@@ -60,7 +61,7 @@ class Origin {
  private:
   c10::VariableVersion version_;
   uint32_t saved_version_;
-  std::vector<int64_t> sizes_;
+  c10::SmallVector<int64_t, 6> sizes_;
   at::ScalarType dtype_;
   uint32_t output_nr_;
   bool leaf_;
@@ -110,15 +111,23 @@ struct HolderCore {
   mutable std::mutex mutex;
 };
 
+// Everything a backward kernel may read from a tensor except its values.
+struct Layout {
+  c10::SmallVector<int64_t, 6> sizes, strides;
+  at::ScalarType dtype = at::kFloat;
+  int64_t phase = 0;  // data pointer modulo 64 bytes, in elements
+  bool operator==(const Layout& other) const {
+    return dtype == other.dtype && phase == other.phase && sizes == other.sizes && strides == other.strides;
+  }
+};
+
 struct GhostCore final : HolderCore {
   using HolderCore::HolderCore;
   void pack(const at::Tensor& tensor) override;
   at::Tensor unpack() override;
   Label form() const override { return kDropped; }
   std::vector<at::Tensor> kept() const override { return {}; }
-  std::vector<int64_t> sizes, strides;
-  at::ScalarType dtype = at::kFloat;
-  int64_t phase = 0;  // data pointer modulo 64 bytes, in elements
+  Layout layout;
 };
 
 struct EncodedCore final : HolderCore {

@@ -20,9 +20,14 @@ namespace memsave {
 thread_local bool tls_active __attribute__((tls_model("initial-exec"))) = false;
 std::atomic<bool> compiled_autograd_enabled{false};
 
-ThreadState& thread_state() {
-  static thread_local ThreadState state;
-  return state;
+thread_local ThreadState* tls_state __attribute__((tls_model("initial-exec"))) = nullptr;
+
+ThreadState& new_thread_state() {
+  // owned by a thread_local holder, destroyed at thread exit
+  static thread_local std::unique_ptr<ThreadState> owner;
+  owner = std::make_unique<ThreadState>();
+  tls_state = owner.get();
+  return *owner;
 }
 
 namespace {
@@ -97,7 +102,7 @@ void Tallies::clear() {
 // -- the Python face of tensors -------------------------------------------------------------------
 bool is_parameter_instance(const at::Tensor& tensor) {
   PyTypeObject* type = python_type(tensor);
-  return type && (type == parameter_type || PyType_IsSubtype(type, parameter_type));
+  return type && type != tensor_type && (type == parameter_type || PyType_IsSubtype(type, parameter_type));
 }
 
 bool is_parameter(const at::Tensor& tensor) {

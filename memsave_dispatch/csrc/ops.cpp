@@ -115,11 +115,11 @@ struct TensorCheck {
 };
 
 template <class R>
-std::vector<at::Tensor> outputs_of(const R& result) {
+Outputs outputs_of(const R& result) {
   if constexpr (std::is_same_v<std::decay_t<R>, at::Tensor>) {
-    return {result};
+    return Outputs{result};
   } else {
-    return std::apply([](const auto&... t) { return std::vector<at::Tensor>{t...}; }, result);
+    return std::apply([](const auto&... t) { return Outputs{t...}; }, result);
   }
 }
 
@@ -296,7 +296,7 @@ std::shared_ptr<const Codec> window_codec(const WindowKey& key, const std::funct
 
 // (out, indices) = maxpool(x): x is never read; the indices stay int64 while the caller
 // holds them, else their window offsets are kept (ops/pooling.py _MaxPool.saved).
-void max_pool_slots(std::vector<SlotDecision>& saved, SavedVariable& self_slot, SavedVariable& indices_slot,
+void max_pool_slots(Decisions& saved, SavedVariable& self_slot, SavedVariable& indices_slot,
                     const at::Tensor& input, const at::Tensor& indices, const CallSite& site,
                     const std::function<std::shared_ptr<const Codec>()>& codec_of) {
   std::shared_ptr<const Codec> codec = indices.numel() > 0 ? codec_of() : nullptr;
@@ -348,7 +348,7 @@ struct AnyCall {
 template <class Op>
 struct ReluRule : AnyCall {
   template <class T>
-  static void saved(std::vector<SlotDecision>& s, Node& node, const std::vector<at::Tensor>& out, const CallSite&, T&) {
+  static void saved(Decisions& s, Node& node, const Outputs& out, const CallSite&, T&) {
     s.push_back({&node_as<gen::ReluBackward0>(node).result_, out[0], Decision::EncodeWhenUnshared, kReluMask});
   }
 };
@@ -357,7 +357,7 @@ template <> struct Rule<at::_ops::relu_> : ReluRule<at::_ops::relu_> {};
 
 template <>
 struct Rule<at::_ops::leaky_relu> : AnyCall {
-  static void saved(std::vector<SlotDecision>& s, Node& node, const std::vector<at::Tensor>&, const CallSite&,
+  static void saved(Decisions& s, Node& node, const Outputs&, const CallSite&,
                     const at::Tensor& self, const at::Scalar&) {
     s.push_back({&node_as<gen::LeakyReluBackward0>(node).self_, self, Decision::EncodeWhenUnshared, kPositiveMask});
   }
@@ -365,7 +365,7 @@ struct Rule<at::_ops::leaky_relu> : AnyCall {
 
 template <>
 struct Rule<at::_ops::leaky_relu_> : AnyCall {
-  static void saved(std::vector<SlotDecision>& s, Node& node, const std::vector<at::Tensor>& out, const CallSite&,
+  static void saved(Decisions& s, Node& node, const Outputs& out, const CallSite&,
                     at::Tensor&, const at::Scalar&) {
     s.push_back({&node_as<gen::LeakyReluBackward1>(node).result_, out[0], Decision::EncodeWhenUnshared, kPositiveMask});
   }
@@ -374,7 +374,7 @@ struct Rule<at::_ops::leaky_relu_> : AnyCall {
 template <class Op>
 struct HardtanhRule : AnyCall {
   template <class T>
-  static void saved(std::vector<SlotDecision>& s, Node& node, const std::vector<at::Tensor>& out, const CallSite&,
+  static void saved(Decisions& s, Node& node, const Outputs& out, const CallSite&,
                     T& input, const at::Scalar& low, const at::Scalar& high) {
     auto& slot = node_as<gen::HardtanhBackward0>(node).self_;
     bool has_nan;
@@ -396,7 +396,7 @@ template <> struct Rule<at::_ops::hardtanh_> : HardtanhRule<at::_ops::hardtanh_>
 template <class Node_>
 struct ThresholdRule : AnyCall {
   template <class T>
-  static void saved(std::vector<SlotDecision>& s, Node& node, const std::vector<at::Tensor>& out, const CallSite&,
+  static void saved(Decisions& s, Node& node, const Outputs& out, const CallSite&,
                     T& input, const at::Scalar& threshold, const at::Scalar&) {
     s.push_back(threshold_decision(node_as<Node_>(node).self_, input, out[0], threshold_codecs(input.scalar_type(), threshold)));
   }
@@ -416,7 +416,7 @@ struct Rule<at::_ops::convolution> {
     return !weight.requires_grad() || drops_weight(input, weight);
   }
   template <class... R>
-  static void saved(std::vector<SlotDecision>& s, Node& node, const std::vector<at::Tensor>&, const CallSite&,
+  static void saved(Decisions& s, Node& node, const Outputs&, const CallSite&,
                     const at::Tensor& input, const at::Tensor& weight, const R&...) {
     auto& n = node_as<gen::ConvolutionBackward0>(node);
     s.push_back({&n.input_, input, weight.requires_grad() ? Decision::Keep : Decision::Drop, nullptr});
@@ -433,7 +433,7 @@ struct DropoutRule {
     return train && 0 < p && p < 1;
   }
   template <class T>
-  static void saved(std::vector<SlotDecision>& s, Node& node, const std::vector<at::Tensor>&, const CallSite&, T&,
+  static void saved(Decisions& s, Node& node, const Outputs&, const CallSite&, T&,
                     double p, bool) {
     auto& n = node_as<gen::MulBackward0>(node);
     const at::Tensor noise = n.other_.unpack();
@@ -450,7 +450,7 @@ struct Rule<at::_ops::native_dropout> {
   static bool can_save(const at::Tensor&, double p, std::optional<bool> train) {
     return train.value_or(false) && 0 < p && p < 1;
   }
-  static void saved(std::vector<SlotDecision>& s, Node& node, const std::vector<at::Tensor>& out, const CallSite&,
+  static void saved(Decisions& s, Node& node, const Outputs& out, const CallSite&,
                     const at::Tensor&, double, std::optional<bool>) {
     s.push_back({&node_as<gen::NativeDropoutBackward0>(node).result1_, out[1], Decision::EncodeWhenUnshared, kBoolMask});
   }
@@ -462,7 +462,7 @@ struct Rule<at::_ops::addmm> {
   static bool can_save(const at::Tensor&, const at::Tensor&, const at::Tensor& mat2, const at::Scalar&, const at::Scalar&) {
     return !mat2.requires_grad();
   }
-  static void saved(std::vector<SlotDecision>& s, Node& node, const std::vector<at::Tensor>&, const CallSite&,
+  static void saved(Decisions& s, Node& node, const Outputs&, const CallSite&,
                     const at::Tensor&, const at::Tensor& mat1, const at::Tensor& mat2, const at::Scalar&, const at::Scalar&) {
     auto& n = node_as<gen::AddmmBackward0>(node);
     s.push_back({&n.mat1_, mat2.requires_grad() ? mat1 : at::Tensor(), Decision::Keep, nullptr});
@@ -473,7 +473,7 @@ struct Rule<at::_ops::addmm> {
 template <>
 struct Rule<at::_ops::mm> {
   static bool can_save(const at::Tensor&, const at::Tensor& mat2) { return !mat2.requires_grad(); }
-  static void saved(std::vector<SlotDecision>& s, Node& node, const std::vector<at::Tensor>&, const CallSite&,
+  static void saved(Decisions& s, Node& node, const Outputs&, const CallSite&,
                     const at::Tensor& self, const at::Tensor& mat2) {
     auto& n = node_as<gen::MmBackward0>(node);
     s.push_back({&n.self_, mat2.requires_grad() ? self : at::Tensor(), Decision::Keep, nullptr});
@@ -496,7 +496,7 @@ struct Rule<at::_ops::native_batch_norm> {
                        double, double) {
     return !batch_norm_needs_input(input, weight, training);
   }
-  static void saved(std::vector<SlotDecision>& s, Node& node, const std::vector<at::Tensor>& out, const CallSite&,
+  static void saved(Decisions& s, Node& node, const Outputs& out, const CallSite&,
                     const at::Tensor& input, const OptT& weight, const OptT&, const OptT& running_mean,
                     const OptT& running_var, bool training, double, double) {
     auto& n = node_as<gen::NativeBatchNormBackward0>(node);
@@ -516,7 +516,7 @@ bool affine_or_input_needs_grad(const at::Tensor& input, const std::optional<at:
 
 // Layer and group norm: x, mean and rstd serve grad_x and grad_w only.
 template <class N>
-void input_and_statistics(std::vector<SlotDecision>& s, N& n, const std::vector<at::Tensor>& out,
+void input_and_statistics(Decisions& s, N& n, const Outputs& out,
                           const at::Tensor& input, const std::optional<at::Tensor>& weight) {
   const Decision keep = affine_or_input_needs_grad(input, weight) ? Decision::Keep : Decision::Drop;
   s.push_back({&n.input_, input, keep, nullptr});
@@ -531,7 +531,7 @@ struct Rule<at::_ops::native_layer_norm> {
   static bool can_save(const at::Tensor& input, c10::SymIntArrayRef, const OptT& weight, const OptT&, double) {
     return !affine_or_input_needs_grad(input, weight);
   }
-  static void saved(std::vector<SlotDecision>& s, Node& node, const std::vector<at::Tensor>& out, const CallSite&,
+  static void saved(Decisions& s, Node& node, const Outputs& out, const CallSite&,
                     const at::Tensor& input, c10::SymIntArrayRef, const OptT& weight, const OptT& bias, double) {
     auto& n = node_as<gen::NativeLayerNormBackward0>(node);
     input_and_statistics(s, n, out, input, weight);
@@ -547,7 +547,7 @@ struct Rule<at::_ops::native_group_norm> {
     return !affine_or_input_needs_grad(input, weight);
   }
   template <class... R>
-  static void saved(std::vector<SlotDecision>& s, Node& node, const std::vector<at::Tensor>& out, const CallSite&,
+  static void saved(Decisions& s, Node& node, const Outputs& out, const CallSite&,
                     const at::Tensor& input, const OptT& weight, const R&...) {
     input_and_statistics(s, node_as<gen::NativeGroupNormBackward0>(node), out, input, weight);
   }
@@ -555,7 +555,7 @@ struct Rule<at::_ops::native_group_norm> {
 
 template <class N, size_t Dims>
 struct RegularMaxPoolRule : AnyCall {
-  static void saved(std::vector<SlotDecision>& s, Node& node, const std::vector<at::Tensor>& out, const CallSite& site,
+  static void saved(Decisions& s, Node& node, const Outputs& out, const CallSite& site,
                     const at::Tensor& input, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                     at::IntArrayRef dilation, bool) {
     auto& n = node_as<N>(node);
@@ -568,7 +568,7 @@ template <> struct Rule<at::_ops::max_pool3d_with_indices> : RegularMaxPoolRule<
 
 template <class N, size_t Dims>
 struct AdaptiveMaxPoolRule : AnyCall {
-  static void saved(std::vector<SlotDecision>& s, Node& node, const std::vector<at::Tensor>& out, const CallSite& site,
+  static void saved(Decisions& s, Node& node, const Outputs& out, const CallSite& site,
                     const at::Tensor& input, at::IntArrayRef) {
     auto& n = node_as<N>(node);
     max_pool_slots(s, n.self_, n.result1_, input, out[1], site, [&] { return adaptive_window_codec<Dims>(input, out[1]); });
@@ -581,7 +581,7 @@ template <> struct Rule<at::_ops::adaptive_max_pool3d> : AdaptiveMaxPoolRule<gen
 template <class N>
 struct AvgPoolRule : AnyCall {
   template <class... R>
-  static void saved(std::vector<SlotDecision>& s, Node& node, const std::vector<at::Tensor>&, const CallSite&,
+  static void saved(Decisions& s, Node& node, const Outputs&, const CallSite&,
                     const at::Tensor& input, const R&...) {
     s.push_back({&node_as<N>(node).self_, input, Decision::Drop, nullptr});
   }
@@ -667,11 +667,12 @@ struct Kernel<Op, Ret(Args...)> {
     if (C10_LIKELY(!tls_active)) return call(stock, ks, std::forward<Args>(args)...);  // as received
     ThreadState& thread = thread_state();
     if constexpr (kMaxPoolWithIndices<Op>) {
-      OutputsHeld held(thread);
-      return route(thread, ks, args...);
-    } else {
-      return route(thread, ks, args...);
+      if (thread.scopes.back()->entries[index].compiled) {  // (the Python engine asks its TorchFunctionMode)
+        OutputsHeld held(thread);
+        return route(thread, ks, args...);
+      }
     }
+    return route(thread, ks, args...);
   }
 
   static Ret route(ThreadState& thread, c10::DispatchKeySet ks, Args... args) {
@@ -691,11 +692,10 @@ struct Kernel<Op, Ret(Args...)> {
       if (std::get<0>(std::forward_as_tuple(args...)).is_view()) return to_stock(site, kInPlaceOnView, ks, args...);
     }
     Ret result = call(stock, ks, args...);
-    const std::vector<at::Tensor> outputs = outputs_of(result);
+    const Outputs outputs = outputs_of(result);
     const NodePtr& node = outputs[0].grad_fn();
     if (!node) return result;  // nothing required grad after all
-    std::vector<SlotDecision> saved;
-    saved.reserve(6);
+    Decisions saved;
     Rule<Op>::saved(saved, *node, outputs, site, args...);
     site.handled(apply(node, saved, outputs, site));
     return result;

@@ -53,7 +53,7 @@ class StorageBytes {
   }
 
  private:
-  std::vector<std::pair<const void*, int64_t>> entries_;
+  c10::SmallVector<std::pair<const void*, int64_t>, 6> entries_;
 };
 
 Label label_of(const SlotDecision& d) {
@@ -64,7 +64,7 @@ Label label_of(const SlotDecision& d) {
   }
 }
 
-int output_index(const at::Tensor& tensor, const std::vector<at::Tensor>& outputs) {
+int output_index(const at::Tensor& tensor, const Outputs& outputs) {
   for (size_t i = 0; i < outputs.size(); ++i)
     if (outputs[i].is_same(tensor)) return int(i);
   return -1;
@@ -72,12 +72,11 @@ int output_index(const at::Tensor& tensor, const std::vector<at::Tensor>& output
 
 }  // namespace
 
-Outcome apply(const NodePtr& node, const std::vector<SlotDecision>& saved, const std::vector<at::Tensor>& outputs,
-              const CallSite& site) {
+Outcome apply(const NodePtr& node, const Decisions& saved, const Outputs& outputs, const CallSite& site) {
   StorageBytes stock, kept;
   Outcome outcome;
   int64_t encoded_bytes = 0;
-  std::vector<std::pair<at::Tensor, std::shared_ptr<Waiting>>> waiting;
+  c10::SmallVector<std::pair<at::Tensor, std::shared_ptr<Waiting>>, 2> waiting;
   for (const SlotDecision& d : saved) {
     const at::Tensor& tensor = d.tensor;
     if (!tensor.defined()) continue;

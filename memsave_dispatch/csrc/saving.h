@@ -4,6 +4,8 @@
 
 #include "holders.h"
 
+#include <c10/util/SmallVector.h>
+
 #include <initializer_list>
 #include <memory>
 #include <vector>
@@ -19,6 +21,9 @@ struct SlotDecision {
   Decision decision;
   std::shared_ptr<const Codec> codec;
 };
+
+using Decisions = c10::SmallVector<SlotDecision, 6>;
+using Outputs = c10::SmallVector<at::Tensor, 3>;
 
 struct Outcome {
   int64_t stock_bytes = 0;
@@ -36,7 +41,6 @@ struct CallSite {
   std::vector<std::shared_ptr<Tallies>> tallies() const;
 };
 
-Outcome apply(const NodePtr& node, const std::vector<SlotDecision>& saved, const std::vector<at::Tensor>& outputs,
-              const CallSite& site);
+Outcome apply(const NodePtr& node, const Decisions& saved, const Outputs& outputs, const CallSite& site);
 
 }  // namespace memsave
