@@ -216,14 +216,16 @@ def test_both_engines_keep_the_same(name, monkeypatch):
         assert_bit_identical(native["grads"][key], python["grads"][key], f"grad of {key}")
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "aten.relu.default: consumed, float32",
-        "aten.max_pool2d_with_indices.default: 3x3 s2 p1 channels_last, indices dropped",
-        "aten.convolution.default: grad for x",
-    ],
-)
+#: A 1-d max pooling hands its caller a view of the indices; when the caller lets go of the view
+#: before backward, the compiled engine encodes the indices (the Python engine counts the dying
+#: view as another holder and keeps them): its backward then decodes, a few bytes above.
+PEAKS_DIFFER = {
+    "aten.max_pool2d_with_indices.default: 1-d, indices returned",
+    "aten.adaptive_max_pool2d.default: adaptive 1-d, indices returned",
+}
+
+
+@pytest.mark.parametrize("name", sorted(set(CASES) - PEAKS_DIFFER))
 def test_both_engines_peak_alike(name, monkeypatch):
     """The whole call's allocator peak, forward and backward, is the same on both engines."""
     why = compiled_unavailable()
@@ -239,8 +241,10 @@ def test_both_engines_peak_alike(name, monkeypatch):
 
         def step():
             with mode:
-                out = fn(**x)
-                out.backward(torch.ones_like(out))
+                torch.manual_seed(0)
+                outputs = fn(**x)
+                outputs = [o for o in (outputs if isinstance(outputs, tuple) else (outputs,)) if o.requires_grad]
+                torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
 
         step()  # warm caches (windows, tables) on both engines
         peaks[engine] = allocator_bytes(step).peak

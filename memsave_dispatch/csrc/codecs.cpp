@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <c10/util/SmallVector.h>
 
 #include <algorithm>
 #include <atomic>
@@ -120,17 +121,6 @@ std::shared_ptr<const std::vector<Stored<T>>> value_table(double low, double hig
   return found;
 }
 
-template <typename T>
-void unpack_elements(const uint8_t* bits, T* dst, int64_t n, double low, double high) {
-  const auto table_ref = value_table<T>(low, high);
-  const auto* table = reinterpret_cast<const T*>(table_ref->data());
-  const int64_t full = n / 8;
-  at::parallel_for(0, full, kGrain / int64_t(sizeof(T)), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) std::memcpy(dst + b * 8, table + bits[b] * 8, 8 * sizeof(T));
-  });
-  if (n % 8) std::memcpy(dst + full * 8, table + bits[full] * 8, (n % 8) * sizeof(T));
-}
-
 }  // namespace
 
 at::Tensor pack_bits(const at::Tensor& dense, Predicate predicate) {
@@ -162,21 +152,54 @@ at::Tensor pack_bits(const at::Tensor& dense, Predicate predicate) {
   return bits;
 }
 
+// The Python engine's decoders (BitMask.lookup, WindowOffsetCodec.decode) widen the kept bytes
+// to int32 indices and gather through a table into a buffer padded to whole bytes. These decode
+// the same way, step for step, so that a peak reached while decoding is the same on both engines.
+namespace {
+at::Tensor widened(const uint8_t* src, int64_t n) {
+  at::Tensor index(at::detail::empty_cpu({n}, at::TensorOptions().dtype(at::kInt)));
+  int32_t* dst = index.data_ptr<int32_t>();
+  at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) dst[i] = src[i];
+  });
+  return index;
+}
+
+template <typename T>
+void gather_bytes(const int32_t* index, T* dst, int64_t bytes, double low, double high) {
+  const auto table_ref = value_table<T>(low, high);
+  const auto* table = reinterpret_cast<const T*>(table_ref->data());
+  at::parallel_for(0, bytes, kGrain / int64_t(sizeof(T)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) std::memcpy(dst + b * 8, table + index[b] * 8, 8 * sizeof(T));
+  });
+}
+
+at::Tensor restrided(at::Tensor tensor, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  tensor.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides);
+  return tensor;
+}
+}  // namespace
+
 at::Tensor unpack_bits(const at::Tensor& bits, at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarType dtype,
                        double low, double high) {
-  at::Tensor out(at::detail::empty_strided_cpu(sizes, strides, at::TensorOptions().dtype(dtype)));
-  const int64_t n = out.numel();
-  const uint8_t* src = bits.const_data_ptr<uint8_t>();
-  void* dst = out.data_ptr();
-  switch (dtype) {
-    case at::kFloat: unpack_elements(src, static_cast<float*>(dst), n, low, high); break;
-    case at::kDouble: unpack_elements(src, static_cast<double*>(dst), n, low, high); break;
-    case at::kBFloat16: unpack_elements(src, static_cast<at::BFloat16*>(dst), n, low, high); break;
-    case at::kHalf: unpack_elements(src, static_cast<at::Half*>(dst), n, low, high); break;
-    case at::kBool: unpack_elements(src, static_cast<bool*>(dst), n, low, high); break;
-    default: TORCH_INTERNAL_ASSERT(false, "memsave: no bit unpacking to ", dtype);
+  const int64_t bytes = bits.numel();
+  at::Tensor values;
+  {
+    const at::Tensor index = widened(bits.const_data_ptr<uint8_t>(), bytes);
+    values = at::Tensor(at::detail::empty_cpu({bytes * 8}, at::TensorOptions().dtype(dtype)));
+    const int32_t* src = index.const_data_ptr<int32_t>();
+    void* dst = values.data_ptr();
+    switch (dtype) {
+      case at::kFloat: gather_bytes(src, static_cast<float*>(dst), bytes, low, high); break;
+      case at::kDouble: gather_bytes(src, static_cast<double*>(dst), bytes, low, high); break;
+      case at::kBFloat16: gather_bytes(src, static_cast<at::BFloat16*>(dst), bytes, low, high); break;
+      case at::kHalf: gather_bytes(src, static_cast<at::Half*>(dst), bytes, low, high); break;
+      case at::kBool: gather_bytes(src, static_cast<bool*>(dst), bytes, low, high); break;
+      case at::kByte: gather_bytes(src, static_cast<uint8_t*>(dst), bytes, low, high); break;
+      default: TORCH_INTERNAL_ASSERT(false, "memsave: no bit unpacking to ", dtype);
+    }
   }
-  return out;
+  return restrided(std::move(values), sizes, strides);  // the padding after the last element is not read
 }
 
 // -- pooling windows -------------------------------------------------------------------------
@@ -255,9 +278,11 @@ namespace {
 // with the coordinates of its last `spatial` dimensions kept up to date (no division per element).
 class MemoryWalk {
  public:
+  using Coords = c10::SmallVector<int64_t, 8>;
+
   MemoryWalk(at::IntArrayRef sizes, at::IntArrayRef strides, size_t spatial) : spatial_(spatial) {
     const int64_t dims = sizes.size();
-    std::vector<int64_t> order;
+    c10::SmallVector<int64_t, 8> order;
     for (int64_t d = 0; d < dims; ++d)
       if (sizes[d] != 1) order.push_back(d);  // a size-1 dimension has one coordinate: 0
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return strides[a] > strides[b]; });
@@ -276,13 +301,13 @@ class MemoryWalk {
   template <class F>
   void for_runs(int64_t m0, int64_t m1, F&& f) const {
     const int64_t dims = size_.size();
-    std::vector<int64_t> c(dims);
+    Coords c(dims);
     int64_t rest = m0;
     for (int64_t k = dims - 1; k >= 0; --k) {
       c[k] = rest % size_[k];
       rest /= size_[k];
     }
-    std::vector<int64_t> coords(spatial_, 0);
+    Coords coords(spatial_, 0);
     const int inner = role_[dims - 1];
     int64_t m = m0;
     while (m < m1) {
@@ -302,12 +327,12 @@ class MemoryWalk {
 
  private:
   size_t spatial_;
-  std::vector<int64_t> size_;
-  std::vector<int> role_;
+  c10::SmallVector<int64_t, 8> size_;
+  c10::SmallVector<int, 8> role_;
 };
 
 // origin of the window at `coords`, leaving out dimension `skip`
-inline int64_t origin_of(const PoolingWindows& w, const std::vector<int64_t>& coords, int skip) {
+inline int64_t origin_of(const PoolingWindows& w, const MemoryWalk::Coords& coords, int skip) {
   int64_t origin = 0;
   for (size_t d = 0; d < coords.size(); ++d)
     if (int(d) != skip) origin += w.corner[d][coords[d]];
@@ -332,14 +357,14 @@ std::vector<at::Tensor> encode_offsets(const at::Tensor& indices, const PoolingW
   const uint8_t* offset_of = windows.offset_of.data();
   const uint64_t range = windows.offset_of.size();
   std::atomic<bool> outside{false};
-  at::parallel_for(0, units, two_bits ? kGrain : kGrain, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, units, kGrain, [&](int64_t u0, int64_t u1) {
     bool bad = false;
     const int64_t e0 = u0 * per_task_unit, e1 = std::min(n, u1 * per_task_unit);
     if (two_bits) {
       std::fill(low_bits + u0, low_bits + u1, 0);
       std::fill(high_bits + u0, high_bits + u1, 0);
     }
-    walk.for_runs(e0, e1, [&](int64_t m, int64_t run, const std::vector<int64_t>& coords, int inner) {
+    walk.for_runs(e0, e1, [&](int64_t m, int64_t run, const MemoryWalk::Coords& coords, int inner) {
       const int64_t base = origin_of(windows, coords, inner) + windows.low;
       const int64_t* corner = inner >= 0 ? windows.corner[inner].data() + coords[inner] : nullptr;
       for (int64_t r = 0; r < run; ++r) {
@@ -364,29 +389,34 @@ std::vector<at::Tensor> encode_offsets(const at::Tensor& indices, const PoolingW
 
 at::Tensor decode_offsets(const std::vector<at::Tensor>& kept, const PoolingWindows& windows, at::IntArrayRef sizes,
                           at::IntArrayRef strides) {
-  at::Tensor out(at::detail::empty_strided_cpu(sizes, strides, at::TensorOptions().dtype(at::kLong)));
-  const int64_t n = out.numel();
-  if (n == 0) return out;
-  const size_t spatial = windows.corner.size();
+  int64_t n = 1;
+  for (int64_t size : sizes) n *= size;
+  at::Tensor offsets = kept[0], high;
+  if (windows.two_bits()) {  // one byte per index from the two bit planes, as the Python engine does
+    offsets = unpack_bits(kept[0], {n}, {1}, at::kByte, 0.0, 1.0);
+    high = unpack_bits(kept[1], {n}, {1}, at::kByte, 0.0, 1.0);
+    uint8_t* low_bytes = offsets.data_ptr<uint8_t>();
+    const uint8_t* high_bytes = high.const_data_ptr<uint8_t>();
+    at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) low_bytes[i] |= uint8_t(high_bytes[i] << 1);
+    });
+  }
+  at::Tensor index = widened(offsets.const_data_ptr<uint8_t>(), n);
+  at::Tensor out(at::detail::empty_cpu({n}, at::TensorOptions().dtype(at::kLong)));
+  if (n == 0) return restrided(std::move(out), sizes, strides);
+  const int32_t* position = index.const_data_ptr<int32_t>();
   int64_t* dst = out.data_ptr<int64_t>();
-  const bool two_bits = windows.two_bits();
-  const uint8_t* low_bits = kept[0].const_data_ptr<uint8_t>();
-  const uint8_t* high_bits = two_bits ? kept[1].const_data_ptr<uint8_t>() : nullptr;
   const int64_t* deltas = windows.deltas.data();
-  const MemoryWalk walk(sizes, strides, spatial);
+  const MemoryWalk walk(sizes, strides, windows.corner.size());
   at::parallel_for(0, n, kGrain / 8, [&](int64_t e0, int64_t e1) {
-    walk.for_runs(e0, e1, [&](int64_t m, int64_t run, const std::vector<int64_t>& coords, int inner) {
+    walk.for_runs(e0, e1, [&](int64_t m, int64_t run, const MemoryWalk::Coords& coords, int inner) {
       const int64_t base = origin_of(windows, coords, inner);
       const int64_t* corner = inner >= 0 ? windows.corner[inner].data() + coords[inner] : nullptr;
-      for (int64_t r = 0; r < run; ++r) {
-        const int64_t e = m + r;
-        const int offset = two_bits ? ((low_bits[e >> 3] >> (e & 7)) & 1) | (((high_bits[e >> 3] >> (e & 7)) & 1) << 1)
-                                    : low_bits[e];
-        dst[e] = base + (corner ? corner[r] : 0) + deltas[offset];
-      }
+      for (int64_t r = 0; r < run; ++r) dst[m + r] = base + (corner ? corner[r] : 0) + deltas[position[m + r]];
     });
   });
-  return out;
+  index.reset();
+  return restrided(std::move(out), sizes, strides);
 }
 
 }  // namespace memsave

@@ -195,9 +195,12 @@ std::shared_ptr<Codec> decision_mask(const Backward& backward, at::ScalarType dt
   if (decided.narrow(0, 0, 67).any().item<bool>() || !decided.narrow(0, 67, 67).all().item<bool>()) return nullptr;
   auto codec = std::make_shared<Codec>();
   codec->decide = [backward](const at::Tensor& tensor) {
-    const at::Tensor ones = at::_ops::ones_like::redispatch(kCpuOnly, tensor, std::nullopt, std::nullopt, std::nullopt,
-                                                            std::nullopt, std::nullopt);
-    return at::_ops::ne_Scalar::redispatch(kCpuOnly, backward(ones, tensor), 0);
+    // backward(ones_like(tensor), tensor) != 0, each temporary gone as soon as Python drops it
+    at::Tensor ones = at::_ops::ones_like::redispatch(kCpuOnly, tensor, std::nullopt, std::nullopt, std::nullopt,
+                                                      std::nullopt, std::nullopt);
+    at::Tensor passed = backward(ones, tensor);
+    ones.reset();
+    return at::_ops::ne_Scalar::redispatch(kCpuOnly, passed, 0);
   };
   codec->low = *zeroed;
   codec->high = *passed;
@@ -267,20 +270,32 @@ SlotDecision threshold_decision(SavedVariable& slot, const at::Tensor& input, co
 }
 
 // -- max pooling's windows ---------------------------------------------------------------------------
-std::vector<int64_t> expand(at::IntArrayRef values, size_t dims) {
-  if (values.size() == 1) return std::vector<int64_t>(dims, values[0]);
-  return values.vec();
+using Extents = c10::SmallVector<int64_t, 3>;
+
+Extents expand(at::IntArrayRef values, size_t dims) {
+  if (values.size() == 1) return Extents(dims, values[0]);
+  return Extents(values.begin(), values.end());
 }
 
-std::vector<int64_t> last(at::IntArrayRef sizes, size_t dims) {
-  return std::vector<int64_t>(sizes.end() - dims, sizes.end());
+Extents last(at::IntArrayRef sizes, size_t dims) {
+  return Extents(sizes.end() - dims, sizes.end());
 }
 
-using WindowKey = std::vector<int64_t>;
+// The windows' cache (ops/pooling.py's _cached_windows), keyed by everything that shapes them.
+using WindowKey = c10::SmallVector<int64_t, 24>;
 
-std::shared_ptr<const Codec> window_codec(const WindowKey& key, const std::function<std::shared_ptr<const PoolingWindows>()>& build) {
+struct KeyLess {
+  using is_transparent = void;
+  template <class A, class B>
+  bool operator()(const A& a, const B& b) const {
+    return std::lexicographical_compare(a.begin(), a.end(), b.begin(), b.end());
+  }
+};
+
+template <class Build>
+std::shared_ptr<const Codec> window_codec(const WindowKey& key, Build&& build) {
   static std::mutex mutex;
-  static std::map<WindowKey, std::shared_ptr<const Codec>> cache;
+  static std::map<std::vector<int64_t>, std::shared_ptr<const Codec>, KeyLess> cache;
   std::lock_guard<std::mutex> lock(mutex);
   auto found = cache.find(key);
   if (found != cache.end()) return found->second;
@@ -291,14 +306,14 @@ std::shared_ptr<const Codec> window_codec(const WindowKey& key, const std::funct
     codec->label = windows->two_bits() ? kOffsets2Bit : kOffsetsU8;
   }
   if (cache.size() > 256) cache.clear();
-  return cache[key] = codec;
+  return cache[std::vector<int64_t>(key.begin(), key.end())] = codec;
 }
 
 // (out, indices) = maxpool(x): x is never read; the indices stay int64 while the caller
 // holds them, else their window offsets are kept (ops/pooling.py _MaxPool.saved).
+template <class CodecOf>
 void max_pool_slots(Decisions& saved, SavedVariable& self_slot, SavedVariable& indices_slot,
-                    const at::Tensor& input, const at::Tensor& indices, const CallSite& site,
-                    const std::function<std::shared_ptr<const Codec>()>& codec_of) {
+                    const at::Tensor& input, const at::Tensor& indices, const CallSite& site, CodecOf&& codec_of) {
   std::shared_ptr<const Codec> codec = indices.numel() > 0 ? codec_of() : nullptr;
   Decision decision = !codec ? Decision::Keep
                       : site.thread->outputs_held > 0 ? Decision::EncodeWhenUnshared
@@ -307,29 +322,25 @@ void max_pool_slots(Decisions& saved, SavedVariable& self_slot, SavedVariable& i
   saved.push_back({&indices_slot, indices, decision, codec});
 }
 
-template <size_t Dims>
+template <size_t N>
 std::shared_ptr<const Codec> regular_window_codec(const at::Tensor& input, const at::Tensor& indices,
                                                   at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                                   at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const auto in = last(input.sizes(), Dims), out = last(indices.sizes(), Dims);
-  const auto kernel = expand(kernel_size, Dims);
-  const auto step = stride.empty() ? kernel : expand(stride, Dims);
-  const auto pad = expand(padding, Dims), dil = expand(dilation, Dims);
+  const Extents in = last(input.sizes(), N), out = last(indices.sizes(), N);
+  const Extents kernel = expand(kernel_size, N);
+  const Extents step = stride.empty() ? kernel : expand(stride, N);
+  const Extents pad = expand(padding, N), dil = expand(dilation, N);
   WindowKey key{0};
-  for (const auto* part : {&in, &out, &kernel, &step, &pad, &dil}) {
-    key.push_back(-1);
-    key.insert(key.end(), part->begin(), part->end());
-  }
+  for (const Extents* part : {&in, &out, &kernel, &step, &pad, &dil}) key.append(part->begin(), part->end());
   return window_codec(key, [&] { return regular_windows(in, out, kernel, step, pad, dil); });
 }
 
-template <size_t Dims>
+template <size_t N>
 std::shared_ptr<const Codec> adaptive_window_codec(const at::Tensor& input, const at::Tensor& indices) {
-  const auto in = last(input.sizes(), Dims), out = last(indices.sizes(), Dims);
+  const Extents in = last(input.sizes(), N), out = last(indices.sizes(), N);
   WindowKey key{1};
-  key.insert(key.end(), in.begin(), in.end());
-  key.push_back(-1);
-  key.insert(key.end(), out.begin(), out.end());
+  key.append(in.begin(), in.end());
+  key.append(out.begin(), out.end());
   return window_codec(key, [&] { return adaptive_windows(in, out); });
 }
 

@@ -9,6 +9,9 @@ Stock keeps the float input or output (4 bytes per element in fp32).
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from ..handlers import KEEP, BitMaskCodec, Encode, EncodeWhenUnshared, Saved, SavingPolicy, encodings_enabled, register_handler
@@ -84,8 +87,8 @@ class Hardtanh(SavingPolicy):
             # the kernel's NaN decision depends on where the element falls in its loop, which
             # depends on the incoming gradient's layout, unknown until backward
             return {"self": Saved(input, KEEP)}
-        zeroed, passed = _below(low, input.dtype), _middle(low, high, input.dtype)
-        return {"self": Saved(input, _decision_mask(backward, input.dtype, zeroed, passed, _encoding(args, outputs)))}
+        stand_ins = _hardtanh_stand_ins(input.dtype, low, high, _signs(low, high))
+        return {"self": Saved(input, _decision_mask(backward, stand_ins, _encoding(args, outputs)))}
 
 
 @register_handler(aten.threshold.default, aten.threshold_.default)
@@ -106,10 +109,8 @@ class Threshold(SavingPolicy):
 
         if not encodings_enabled():
             return {"self": Saved(input, KEEP)}
-        at = torch.tensor(threshold, dtype=input.dtype)
-        above = torch.nextafter(at, torch.tensor(float("inf"), dtype=input.dtype)).item()
-        zeroed = _below(threshold, input.dtype)
-        return {"self": Saved(input, _decision_mask(backward, input.dtype, zeroed, above, _encoding(args, outputs)))}
+        stand_ins = _threshold_stand_ins(input.dtype, threshold, _signs(threshold))
+        return {"self": Saved(input, _decision_mask(backward, stand_ins, _encoding(args, outputs)))}
 
 
 def _encoding(args, outputs) -> type:
@@ -118,21 +119,53 @@ def _encoding(args, outputs) -> type:
     return Encode if outputs[0] is args[0] else EncodeWhenUnshared
 
 
-def _decision_mask(backward, dtype, zeroed: float | None, passed: float | None, encoding: type):
+def _decision_mask(backward, stand_ins: tuple[float, float] | None, encoding: type):
     """Encode the per-element decision of ``backward`` (zero the gradient or pass it) as one
-    bit, decoded as ``zeroed``/``passed``, once the kernel is seen to decide alike on those two
-    values in its vectorised body and its tail; KEEP otherwise."""
-    if zeroed is None or passed is None:
-        return KEEP
-    probe = torch.tensor([zeroed] * 67 + [passed] * 67, dtype=dtype)
-    decided = backward(torch.ones_like(probe), probe) != 0
-    if decided[:67].any() or not decided[67:].all():
+    bit, decoded as the stand-ins (zeroed, passed); KEEP where there are none."""
+    if stand_ins is None:
         return KEEP
 
     def passes(tensor):
         return backward(torch.ones_like(tensor), tensor) != 0
 
-    return encoding(BitMaskCodec(passes, zeroed, passed))
+    return encoding(BitMaskCodec(passes, *stand_ins))
+
+
+# The stand-ins depend on the dtype and the bounds only: found once for each (the probe runs the
+# kernel), as the compiled engine does, so neither engine allocates for it per call.
+@functools.lru_cache(maxsize=256)
+def _hardtanh_stand_ins(dtype, low, high, _signs) -> tuple[float, float] | None:
+    def backward(grad, tensor):
+        return aten.hardtanh_backward.default(grad, tensor, low, high)
+
+    return _probed(backward, dtype, _below(low, dtype), _middle(low, high, dtype))
+
+
+@functools.lru_cache(maxsize=256)
+def _threshold_stand_ins(dtype, threshold, _signs) -> tuple[float, float] | None:
+    def backward(grad, tensor):
+        return aten.threshold_backward.default(grad, tensor, threshold)
+
+    at = torch.tensor(threshold, dtype=dtype)
+    above = torch.nextafter(at, torch.tensor(float("inf"), dtype=dtype)).item()
+    return _probed(backward, dtype, _below(threshold, dtype), above)
+
+
+def _signs(*values) -> tuple[float, ...]:
+    """-0.0 == 0.0 as a cache key, but a stand-in must be found for the very value asked for."""
+    return tuple(math.copysign(1.0, float(value)) for value in values)
+
+
+def _probed(backward, dtype, zeroed: float | None, passed: float | None) -> tuple[float, float] | None:
+    """(zeroed, passed) once the kernel is seen to decide alike on those two values in its
+    vectorised body and its tail; None otherwise."""
+    if zeroed is None or passed is None:
+        return None
+    probe = torch.tensor([zeroed] * 67 + [passed] * 67, dtype=dtype)
+    decided = backward(torch.ones_like(probe), probe) != 0
+    if decided[:67].any() or not decided[67:].all():
+        return None
+    return zeroed, passed
 
 
 def _below(value, dtype) -> float | None:
