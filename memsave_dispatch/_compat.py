@@ -43,6 +43,7 @@ __all__ = [
     "stock_kernel",
     "library",
     "destroy_library",
+    "forget_dispatch_resolution",
     "forward_ad_active",
     "is_zero_tensor",
     "no_torch_function",
@@ -183,6 +184,13 @@ def library() -> torch.library.Library:
 def destroy_library(lib: torch.library.Library) -> None:
     """Remove a library's registrations: the kernels they replaced are back."""
     lib._destroy()
+
+
+def forget_dispatch_resolution(op: OpOverload) -> None:
+    """Drop what torch's Python dispatcher (torch.compile's tracer) resolved for ``op``: it
+    caches which kernel serves each dispatch key, and registering or removing a per-backend
+    autograd kernel (AutogradCPU) does not reset that cache."""
+    op._dispatch_cache.clear()
 
 
 no_torch_function = torch._C.DisableTorchFunction

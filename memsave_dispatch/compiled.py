@@ -51,6 +51,7 @@ __all__ = [
     "capture",
     "install",
     "uninstall",
+    "POOLING_SCOPES",
     "ModeState",
     "pending_count",
 ]
@@ -158,15 +159,41 @@ def capture(ops: Iterable[OpOverload]) -> None:
         _captured.update(ops)
 
 
-def install(ops: Iterable[OpOverload]) -> None:
-    """Install the C++ kernels of these operators over the Python engine's (idempotent)."""
-    if _native is not None:
-        _native.install(_indices(ops))
+#: Composite max poolings whose calls the C++ engine follows (csrc/ops.cpp, PoolingScope).
+POOLING_SCOPES = (
+    aten.max_pool1d.default,
+    aten.max_pool2d.default,
+    aten.max_pool3d.default,
+    aten.max_pool1d_with_indices.default,
+    aten.adaptive_max_pool1d.default,
+)
+_registered: set[OpOverload] = set()
 
 
-def uninstall() -> None:
-    if _native is not None:
-        _native.uninstall()
+def install(ops: Iterable[OpOverload]) -> list[OpOverload]:
+    """Install the C++ kernels of these operators over the Python engine's (idempotent);
+    returns the operators whose kernels changed."""
+    if _native is None:
+        return []
+    ops = [op for op in ops if op in _index and op not in _registered]
+    if not ops:
+        return []
+    _native.install(_indices(ops))
+    _registered.update(ops)
+    if any(isinstance(RULES[op], type) and RULES[op].outputs_to_caller is not None for op in ops):
+        ops += [op for op in POOLING_SCOPES if op not in _registered]  # installed with the max poolings
+        _registered.update(POOLING_SCOPES)
+    return ops
+
+
+def uninstall() -> list[OpOverload]:
+    """Remove every C++ kernel; returns the operators whose kernels changed."""
+    if _native is None:
+        return []
+    _native.uninstall()
+    removed = list(_registered)
+    _registered.clear()
+    return removed
 
 
 def pending_count() -> int:

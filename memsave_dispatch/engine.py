@@ -45,6 +45,7 @@ from ._compat import (
     below_autograd,
     default_hooks,
     destroy_library,
+    forget_dispatch_resolution,
     forward_ad_active,
     functorch_transforms_active,
     has_composite_implicit_kernel,
@@ -94,16 +95,19 @@ def install(ops: Iterable[OpOverload]) -> None:
         compiled.capture(new)  # stock's kernels, before anything overrides them
         for op in new:
             _installed[op] = _install_kernel(op)
-        compiled.install(ops)
+        for op in (*new, *compiled.install(ops)):
+            forget_dispatch_resolution(op)
 
 
 def uninstall() -> None:
     """Restore every stock kernel. Only call this while no other thread runs PyTorch ops."""
     with _install_lock:
-        compiled.uninstall()
+        touched = [*compiled.uninstall(), *_installed]
         for lib in _installed.values():
             destroy_library(lib)
         _installed.clear()
+        for op in touched:
+            forget_dispatch_resolution(op)
 
 
 def leave(mode: object) -> None:

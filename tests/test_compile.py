@@ -144,3 +144,22 @@ def test_make_fx_traces_stock_under_the_mode():
     report = mode.report()
     assert report.handled == 0
     assert report["aten.max_pool2d_with_indices.default"].to_stock == {"make_fx tracing": 2}
+
+
+def test_a_graph_compiled_after_uninstall_runs_stock_autograd(fresh_compile_caches):
+    """torch.compile's tracer caches which kernel serves each operator and key; installing and
+    removing kernels must reset that, or a later compilation calls a kernel that is gone."""
+    from memsave_dispatch import engine
+
+    torch.manual_seed(0)
+    net = SmallConvNet(width=8)
+    freeze(net)
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    with MemSaveMode():
+        pass  # installs the kernels
+    torch.compile(net, backend="aot_eager")(x)  # traced while they are installed, outside the mode
+    engine.uninstall()
+    torch._dynamo.reset()
+    (compiled_grad,) = torch.autograd.grad(torch.compile(net, backend="aot_eager")(x).sum(), x)
+    (eager_grad,) = torch.autograd.grad(net(x).sum(), x)
+    torch.testing.assert_close(compiled_grad, eager_grad)

@@ -1,5 +1,6 @@
 """The command line, one entry point: ``python -m tools.bench [options]`` runs the benchmark,
-``python -m tools.bench step [options]`` the step-time comparison (:mod:`tools.bench.step`)."""
+``python -m tools.bench step [options]`` the step-time comparison (:mod:`tools.bench.step`),
+``python -m tools.bench compare A.json B.json`` checks two runs agree on bytes and peaks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import torch
 
 from . import step
+from .compare import compare_main
 from .cases import CASES, MODELS, STEP_ROWS, model_spec
 from .compile_backend import COMPILE_BACKENDS
 from .measure import PEAK_METHODS
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["step"]:
         step_main(argv[1:])
         return 0
+    if argv[:1] == ["compare"]:
+        return compare_main(argv[1:])
     return bench_main(argv)
 
 
