@@ -2,8 +2,9 @@
 PyTorch bit for bit (outputs, every gradient, in-place effects) and for bytes kept; and random
 in-place changes after a handled call, where the mode must raise exactly where stock raises.
 
-CI runs the ``ci`` profile (250 examples per family, 2,250 in all, derandomised). The
-extended run:  MEMSAVE_FUZZ=extended python -m pytest tests/test_fuzz.py   (2,500 per family).
+Every family runs on both engines (compiled and Python). CI runs the ``ci`` profile (250
+examples per family and engine, 4,500 in all, derandomised). The extended run:
+MEMSAVE_FUZZ=extended python -m pytest tests/test_fuzz.py   (2,500 per family and engine).
 Failures hypothesis finds are kept below as explicit ``@example``s.
 """
 

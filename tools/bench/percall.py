@@ -3,7 +3,8 @@ MemSaveMode against stock PyTorch, warm, in one thread.
 
 Each round times a burst of calls stock (the interposing kernels uninstalled), under the mode,
 and stock again, in the calling thread's CPU time (far less disturbed by other processes than
-wall time); the overhead is the median over rounds of mode minus the mean of the two stock
+wall time), each after a few untimed calls (installing or removing kernels leaves the next
+calls cold); the overhead is the median over rounds of mode minus the mean of the two stock
 bursts around it.
 """
 
@@ -64,8 +65,10 @@ CALLS: tuple[Call, ...] = (
 )
 
 
-def _burst(step: Callable[[], None], calls: int) -> float:
-    """Microseconds of the calling thread's CPU time per call."""
+def _burst(step: Callable[[], None], calls: int, warm: int = 20) -> float:
+    """Microseconds of the calling thread's CPU time per call, after ``warm`` untimed calls."""
+    for _ in range(warm):
+        step()
     start = time.thread_time_ns()
     for _ in range(calls):
         step()
