@@ -355,3 +355,33 @@ def test_the_sources_ship_with_the_package():
     patterns = project["tool"]["setuptools"]["package-data"]["memsave_dispatch"]
     sources = sorted(p.relative_to(ROOT / "memsave_dispatch") for p in (ROOT / "memsave_dispatch" / "csrc").iterdir())
     assert sources and all(any(path.match(pattern) for pattern in patterns) for path in sources), (sources, patterns)
+
+
+def test_a_handler_from_python_runs_beside_the_compiled_ones(each_engine):
+    """The mode's own handler for a built-in operator runs on the Python engine, in the same
+    mode as the built-in handlers of the others; include, exclude and devices select for both."""
+    from memsave_dispatch.handlers import KEEP, Saved, SavingPolicy
+
+    class KeepRelu(SavingPolicy):
+        family = "mine"
+
+        @staticmethod
+        def saved(args, outputs):
+            return {"result": Saved(outputs[0], KEEP)}
+
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3)
+    with MemSaveMode(handlers={aten.relu.default: KeepRelu}) as mode:
+        F.relu(F.conv2d(x, w)).sum().backward()
+    report = mode.report()
+    assert report.engine == each_engine
+    assert report["relu"].family == "mine" and report["relu"].encodings == {}
+    assert report["convolution"].encodings == {"dropped": 1}
+    with MemSaveMode(exclude="conv") as mode:
+        F.relu(F.conv2d(x, w)).sum().backward()
+    assert {line.op for line in mode.report().ops} == {"aten.relu.default"}
+    with pytest.warns(UserWarning, match="not verified"):
+        elsewhere = MemSaveMode(devices="cuda")
+    with elsewhere:
+        F.conv2d(x, w).sum().backward()
+    assert elsewhere.report()["convolution"].to_stock == {"device cpu not enabled": 1}
