@@ -23,6 +23,7 @@ torch call): it marks its thread with a dispatch key that has a fallthrough kern
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Iterable, Mapping
 from types import ModuleType
 
@@ -99,6 +100,7 @@ LABELS = (
 )
 
 _native: ModuleType | None = None
+_loading = threading.Lock()
 _index: dict[OpOverload, int] = {}
 _captured: set[OpOverload] = set()
 _families: list[str] = []
@@ -117,10 +119,15 @@ def engine_for_new_mode() -> str:
 
 
 def _load() -> ModuleType | None:
-    global _native
     if _native is not None:
         return _native
-    module = extension.load()
+    with _loading:
+        return _native if _native is not None else _initialised(extension.load())
+
+
+def _initialised(module: ModuleType | None) -> ModuleType | None:
+    """Hand the extension what it reads off this torch release and this package, once."""
+    global _native
     if module is None:
         return None
     names = module.op_names()
@@ -180,7 +187,7 @@ def install(ops: Iterable[OpOverload]) -> list[OpOverload]:
         return []
     _native.install(_indices(ops))
     _registered.update(ops)
-    if any(isinstance(RULES[op], type) and RULES[op].outputs_to_caller is not None for op in ops):
+    if any(RULES[op].outputs_to_caller is not None for op in ops):
         ops += [op for op in POOLING_SCOPES if op not in _registered]  # installed with the max poolings
         _registered.update(POOLING_SCOPES)
     return ops
