@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,7 @@ __all__ = [
     "stock_kernel",
     "library",
     "destroy_library",
+    "forget_dispatch_resolution",
     "forward_ad_active",
     "is_zero_tensor",
     "no_torch_function",
@@ -66,6 +68,9 @@ __all__ = [
     "storage_references",
     "is_wrapped_number",
     "modified_in_place_error",
+    "inplace_error_wording",
+    "compiled_autograd_enabled",
+    "on_compiled_autograd_switch",
     "BFLOAT16_ADAPTIVE_MAX_POOL2D_INDICES_IN_WINDOW",
 ]
 
@@ -181,6 +186,13 @@ def library() -> torch.library.Library:
 def destroy_library(lib: torch.library.Library) -> None:
     """Remove a library's registrations: the kernels they replaced are back."""
     lib._destroy()
+
+
+def forget_dispatch_resolution(op: OpOverload) -> None:
+    """Drop what torch's Python dispatcher (torch.compile's tracer) resolved for ``op``: it
+    caches which kernel serves each dispatch key, and registering or removing a per-backend
+    autograd kernel (AutogradCPU) does not reset that cache."""
+    op._dispatch_cache.clear()
 
 
 no_torch_function = torch._C.DisableTorchFunction
@@ -328,6 +340,13 @@ def modified_in_place_error(
     )
 
 
+def inplace_error_wording(anomaly: bool) -> tuple[str, str, bool]:
+    """Stock's in-place error as this release words it: (the text up to the tensor's type, the
+    closing hint, whether nodes are named without their ``Backward<N>`` suffix)."""
+    form = _inplace_error_form(anomaly)
+    return form.prefix, form.hint, form.strips_backward
+
+
 class _InplaceErrorForm:
     def __init__(self, prefix: str, hint: str, strips_backward: bool) -> None:
         self.prefix, self.hint, self.strips_backward = prefix, hint, strips_backward
@@ -361,6 +380,38 @@ def _inplace_error_form(anomaly: bool) -> _InplaceErrorForm:
     rendered = message[message.index(" of ", message.index(marker)) + 4 : message.index(", is at version")]
     hint = message[message.index("instead.") + len("instead.") :]
     return _InplaceErrorForm(prefix, hint, strips_backward=rendered != node_name)
+
+
+# -- compiled autograd ------------------------------------------------------------------------
+def compiled_autograd_enabled() -> bool:
+    """Whether compiled autograd is on now (never imports torch._dynamo)."""
+    module = sys.modules.get("torch._dynamo.compiled_autograd")
+    if module is None:
+        return False
+    config = sys.modules.get("torch._dynamo.config")
+    return bool(getattr(module, "compiled_autograd_enabled", False) or getattr(config, "compiled_autograd", False))
+
+
+def on_compiled_autograd_switch(callback: Callable[[bool], None]) -> None:
+    """Call ``callback(on)`` whenever compiled autograd is switched on or off: every switch goes
+    through ``set_autograd_compiler``, which torch looks up on its module at each call."""
+    try:
+        from torch._C._dynamo import compiled_autograd as bindings
+    except ImportError:  # pragma: no cover - a build without dynamo
+        return
+    original = bindings.set_autograd_compiler
+    if getattr(original, "memsave_callbacks", None) is not None:
+        original.memsave_callbacks.append(callback)
+        return
+
+    def set_autograd_compiler(compiler, dynamic):
+        previous = original(compiler, dynamic)
+        for notify in set_autograd_compiler.memsave_callbacks:
+            notify(compiler is not None)
+        return previous
+
+    set_autograd_compiler.memsave_callbacks = [callback]
+    bindings.set_autograd_compiler = set_autograd_compiler
 
 
 #: Before torch 2.11, the CPU bfloat16 kernel of ``adaptive_max_pool2d`` on a contiguous input

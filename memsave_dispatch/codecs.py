@@ -296,11 +296,13 @@ class WindowOffsetCodec(Codec):
     """
 
     values_exact = True
+    BYTE_NAME = "uint8 window offsets"
+    TWO_BIT_NAME = "2-bit window offsets"
 
     def __init__(self, windows: PoolingWindows) -> None:
         self.windows = windows
         self.two_bits = len(windows.deltas) <= 4
-        self.name = "2-bit window offsets" if self.two_bits else "uint8 window offsets"
+        self.name = self.TWO_BIT_NAME if self.two_bits else self.BYTE_NAME
 
     def encode(self, indices: Tensor) -> tuple[tuple[Tensor, ...], object]:
         windows = self.windows

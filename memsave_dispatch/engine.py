@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-from . import slots, state
+from . import compiled, slots, state
 from ._compat import (
     AUTOGRAD_RUNTIME_KEYS,
     DispatchKey,
@@ -46,6 +46,7 @@ from ._compat import (
     below_autograd,
     default_hooks,
     destroy_library,
+    forget_dispatch_resolution,
     forward_ad_active,
     functorch_transforms_active,
     has_composite_implicit_kernel,
@@ -61,11 +62,19 @@ from ._compat import (
     skip_in_dynamo,
     stock_kernel,
 )
+from .reasons import (
+    GRAD_MODE_OFF,
+    IN_PLACE_ON_A_VIEW,
+    INPUT_HANDED_BACK,
+    NO_INPUT_REQUIRES_GRAD,
+    NOTHING_TO_SAVE,
+    device_not_enabled,
+)
 from .recipes import REBUILDS_AVAILABLE, has_recipe
 from .registry import HandlerEntry
 from .storage import storage_bytes
 
-__all__ = ["DEVICES", "install", "uninstall", "installed", "leave"]
+__all__ = ["DEVICES", "install", "uninstall", "installed", "leave", "pending_count"]
 
 #: Device types a mode can be asked to handle, by the autograd dispatch key they run under.
 DEVICES = {DispatchKey.AutogradCPU: "cpu", DispatchKey.AutogradCUDA: "cuda"}
@@ -84,25 +93,41 @@ def installed() -> frozenset[OpOverload]:
 
 
 def install(ops: Iterable[OpOverload]) -> None:
-    """Install the interposing kernel of each operator (idempotent)."""
+    """Install the interposing kernel of each operator (idempotent), and where the compiled
+    engine is loaded, its kernels over them."""
+    ops = list(ops)
     with _install_lock:
         for op in ops:
-            if op not in _installed:
-                _installed[op] = _install_kernel(op)
+            if op in _installed and compiled.needs_stock(op):  # the compiled engine loaded since
+                destroy_library(_installed.pop(op))
+        new = [op for op in ops if op not in _installed]
+        compiled.capture(new)  # stock's kernels, before anything overrides them
+        for op in new:
+            _installed[op] = _install_kernel(op)
+        for op in (*new, *compiled.install(ops)):
+            forget_dispatch_resolution(op)
 
 
 def uninstall() -> None:
     """Restore every stock kernel. Only call this while no other thread runs PyTorch ops."""
     with _install_lock:
+        touched = [*compiled.uninstall(), *_installed]
         for lib in _installed.values():
             destroy_library(lib)
         _installed.clear()
+        for op in touched:
+            forget_dispatch_resolution(op)
 
 
 def leave(mode: object) -> None:
     """``mode`` exited in this thread; once no mode is left, pending encodings are dropped."""
     if state.pop(mode):
         slots.forget_pending()
+
+
+def pending_count() -> int:
+    """Tensors of this thread with encodings waiting for their death, in either engine."""
+    return slots.pending_count() + compiled.pending_count()
 
 
 def _stock_kernels_of(op: OpOverload) -> dict:
@@ -166,13 +191,13 @@ def _route(entry: HandlerEntry, device, stock, active: list, keyset, args: tuple
         # rebuild or encoding starts inside a backward pass
         reason = "during backward"
     elif not torch.is_grad_enabled():
-        reason = "grad mode off"
+        reason = GRAD_MODE_OFF
     elif (
         handler.can_save is not None
         and not handler.can_save(*full_arguments)
         and not (entry.is_policy and _an_input_is_rebuildable(entry, args, kwargs))
     ):
-        reason = "nothing to save"  # decided first: it is the cheapest way back to stock
+        reason = NOTHING_TO_SAVE  # decided first: it is the cheapest way back to stock
     else:
         reason = _reason_for_stock(entry, device, active[-1].devices, args, kwargs)
         if reason is None and handler.unsupported is not None:
@@ -180,7 +205,7 @@ def _route(entry: HandlerEntry, device, stock, active: list, keyset, args: tuple
         if reason is None and entry.in_place and full_arguments[0]._base is not None:
             # autograd wraps the node of an in-place call on a view in a CopySlices node on
             # the base: its saved slots are out of a handler's reach
-            reason = "in place on a view"
+            reason = IN_PLACE_ON_A_VIEW
     user_hooks = default_hooks() if reason is None else None
     if user_hooks is not None and (is_checkpoint_hooks(user_hooks) or not saved_tensor_hooks_enabled()):
         # Non-reentrant checkpointing recomputes the region during backward, where calls run
@@ -216,7 +241,7 @@ def _run_policy(
         # to change, or has nothing to spare
         if user_hooks is not None and node is not previous:
             slots.give_user_hooks(node, user_hooks)
-        _tally_stock(entry, active, "input handed back")
+        _tally_stock(entry, active, INPUT_HANDED_BACK)
         return outputs
     handler = entry.handler
     saved = handler.saved(full_arguments, as_tuple)
@@ -307,7 +332,7 @@ def _an_input_is_rebuildable(entry: HandlerEntry, args: tuple, kwargs: dict) -> 
 # -- when a call must run stock ----------------------------------------------------------------
 def _not_enabled(device) -> str:
     if isinstance(device, str):
-        return f"device {device} not enabled"
+        return device_not_enabled(device)
     kind = device.name.removeprefix("Autograd")  # a dispatch key without a device of ours
     return "nested tensor" if kind == "NestedTensor" else f"device {kind.lower()} not supported"
 
@@ -345,7 +370,7 @@ def _reason_for_stock(entry: HandlerEntry, device, devices: frozenset[str], args
         if tensor.requires_grad:
             needs_grad = True
     if not needs_grad:
-        return "no input requires grad"
+        return NO_INPUT_REQUIRES_GRAD
     return None
 
 

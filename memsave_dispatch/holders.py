@@ -16,6 +16,7 @@ backward unpacks a tensor modified in place since it was saved.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -39,6 +40,7 @@ __all__ = [
     "Origin",
     "Ghost",
     "Encoded",
+    "NativeSlot",
     "hook",
     "holder_of",
     "describe_holder",
@@ -199,6 +201,25 @@ class Encoded:
         return tensor if self.user_hooks is None else self.user_hooks[0](tensor)
 
 
+class NativeSlot:
+    """A slot the compiled engine holds (csrc/holders.cpp), as Python reads it: what it holds
+    and keeps, for the audit; ``unpack`` rebuilds what backward reads (compiled autograd calls
+    it, as it calls any slot's unpack hook)."""
+
+    __slots__ = ("form", "kept", "_unpack")
+
+    def __init__(self, form: str, kept: tuple, unpack: Callable[[], Tensor]) -> None:
+        self.form, self.kept, self._unpack = form, kept, unpack
+
+    def values_exact(self) -> bool:
+        """Never read by a recipe: the compiled engine's encodings are not marked values-exact
+        (no recipe reads a slot of a node it hooks but the LayerNorm's, which it only drops)."""
+        return False
+
+    def unpack(self, _packed: None = None) -> Tensor:
+        return self._unpack()
+
+
 _HOLDERS_KEY = "memsave_dispatch.slot_holders"
 
 
@@ -214,12 +235,12 @@ def hook(node: Any, name: str, holder: Ghost | Encoded) -> None:
         node.metadata.setdefault(_HOLDERS_KEY, {})[name] = weakref.ref(holder)
 
 
-def holder_of(node: Any, name: str, unpack_hook: Any = None) -> Ghost | Encoded | None:
-    """The holder of this library on a slot, if any: from the slot's unpack hook where it
-    shows (torch >= 2.13), else from the node's metadata."""
+def holder_of(node: Any, name: str, unpack_hook: Any = None) -> Ghost | Encoded | NativeSlot | None:
+    """The holder of this library on a slot, if any (either engine's): from the slot's unpack
+    hook where it shows (torch >= 2.13), else from the node's metadata."""
     if unpack_hook is not None:
         holder = getattr(unpack_hook, "__self__", None)
-        return holder if isinstance(holder, (Ghost, Encoded)) else None
+        return holder if isinstance(holder, (Ghost, Encoded, NativeSlot)) else None
     reference = node.metadata.get(_HOLDERS_KEY, {}).get(name) if not SAVED_SLOTS_READABLE else None
     return None if reference is None else reference()
 
@@ -252,9 +273,11 @@ def inspect_slot(node: Any, name: str) -> SlotState:
     return SlotState(None, False, value is not None)
 
 
-def describe_holder(holder: Ghost | Encoded) -> tuple[str, tuple]:
+def describe_holder(holder: Ghost | Encoded | NativeSlot) -> tuple[str, tuple]:
     """(what the slot holds, what it keeps: tensors, or what the user's hooks packed them
     into) for an audit."""
+    if isinstance(holder, NativeSlot):
+        return holder.form, holder.kept
     if isinstance(holder, Ghost):
         return DROP.label, ()
     form = EncodeWhenUnshared.label if holder.deferred else holder.codec.describe(holder.meta)

@@ -18,7 +18,7 @@ from rich.console import Console
 from torch.compiler import config as compiler_config
 from torch.overrides import TorchFunctionMode
 
-from . import engine, registry, state
+from . import compiled, engine, registry, state
 from ._compat import OpOverload, OpOverloadPacket
 from .registry import HandlerEntry
 from .report import Report, Tallies
@@ -47,8 +47,16 @@ class MemSaveMode(TorchFunctionMode):
         devices: device types to handle (``"cpu"``, ``"cuda"`` or ``torch.device``s). Only
             ``"cpu"`` is verified bit-exact; others warn, naming the command that verifies them.
 
-    The mode is a ``TorchFunctionMode``: torch.compile guards on the mode stack, so a graph
-    compiled inside the mode is never reused outside it, and vice versa.
+    Engines: the built-in handlers run compiled (C++, built on first use) unless
+    ``MEMSAVE_DISPATCH_ENGINE=python`` asks for the pure-Python engine, or the extension cannot
+    be built (one warning says why); handlers from Python always run on the Python engine, in
+    the same mode. ``report().engine`` says which ran. Both keep the same bytes and give the
+    same gradients.
+
+    torch.compile never reuses a graph compiled inside the mode outside it, nor the reverse:
+    on the Python engine the mode is an active ``TorchFunctionMode`` (dynamo guards on the
+    mode stack); on the compiled engine it marks its thread with a dispatch key, which
+    dynamo's guards see in every tensor's key set, at no cost per torch call.
     """
 
     def __init__(
@@ -75,6 +83,9 @@ class MemSaveMode(TorchFunctionMode):
         self._entries = self._select()  # validates the selectors now; refreshed on every entry
         self._holding_functions, self._holding_keywords = _entry_points_returning_outputs(self._entries.values())
         self._tallies = Tallies()
+        self._engine = compiled.engine_for_new_mode()
+        self._native: compiled.ModeState | None = None
+        self._as_function_mode: list[bool] = []  # per entry: whether it entered as a TorchFunctionMode
 
     # -- selection -------------------------------------------------------------------------
     def _select(self) -> dict[OpOverload, HandlerEntry]:
@@ -96,20 +107,49 @@ class MemSaveMode(TorchFunctionMode):
         engine.install(self._entries)
         _compile_cache_tag.enter(self._fingerprint())
         state.push(state.Scope(self, {id(op): e for op, e in self._entries.items()}, self.devices, self._tallies))
+        native = self._native_state()
+        if native is not None:
+            native.enter(self._entries, self.devices, compiled=self._engine == "compiled")
+        as_function_mode = self._needs_torch_function_mode()
         try:
-            super().__enter__()
+            if as_function_mode:
+                super().__enter__()
         except BaseException:
-            engine.leave(self)
-            _compile_cache_tag.exit()
+            self._leave()
             raise
+        self._as_function_mode.append(as_function_mode)
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         try:
-            super().__exit__(exc_type, exc, traceback)
+            if self._as_function_mode.pop():
+                super().__exit__(exc_type, exc, traceback)
         finally:
-            engine.leave(self)
-            _compile_cache_tag.exit()
+            self._leave()
+
+    def _leave(self) -> None:
+        engine.leave(self)
+        if self._native is not None:
+            self._native.exit()
+        _compile_cache_tag.exit()
+
+    def _native_state(self) -> compiled.ModeState | None:
+        """This mode's state in the compiled engine, once that is loaded (its kernels then see
+        every call, whichever engine the mode runs on)."""
+        if self._native is None and (module := compiled.loaded()) is not None:
+            self._native = compiled.ModeState(module)
+        return self._native
+
+    def _needs_torch_function_mode(self) -> bool:
+        """Whether some handler here asks which Python function was called (max pooling's
+        ``return_indices``) and the compiled engine's kernels cannot answer it: all of them on
+        the Python engine, handlers from Python, and other devices than the CPU."""
+        if self._engine == "python" or self.devices != {"cpu"}:
+            return True
+        return any(
+            entry.handler.outputs_to_caller is not None and compiled.RULES.get(op) is not entry.handler
+            for op, entry in self._entries.items()
+        )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -128,7 +168,8 @@ class MemSaveMode(TorchFunctionMode):
     # -- report ----------------------------------------------------------------------------
     def report(self) -> Report:
         """A snapshot of what this mode intercepted so far (``to_dict()`` for JSON)."""
-        return self._tallies.report(engine="python")
+        lines = self._native.lines() if self._native is not None else ()
+        return self._tallies.report(engine=self._engine, compiled_lines=lines)
 
     def print_report(self, console=None) -> None:
         """Print the report as a rich table (fits an 80-column terminal)."""
@@ -139,6 +180,8 @@ class MemSaveMode(TorchFunctionMode):
 
     def reset_report(self) -> None:
         self._tallies.clear()
+        if self._native is not None:
+            self._native.clear()
 
 
 def _entry_points_returning_outputs(entries: Iterable[HandlerEntry]) -> tuple[frozenset, tuple[str, ...]]:

@@ -119,6 +119,25 @@ class Recipe(NamedTuple):
 
 RecipeFactory = Callable[[Any], "Recipe | None"]
 _RECIPES: dict[str, RecipeFactory] = {}
+#: Called with the node type names that have a recipe whenever they change (the compiled
+#: engine hands every call with an input such a node produced to the Python engine).
+_LISTENERS: list[Callable[[tuple[str, ...]], None]] = []
+
+
+def recipe_node_types() -> tuple[str, ...]:
+    """The node type names with a recipe that rebuilds can use (none before torch 2.13)."""
+    return tuple(_RECIPES) if REBUILDS_AVAILABLE else ()
+
+
+def on_recipes_changed(listener: Callable[[tuple[str, ...]], None]) -> None:
+    """Call ``listener(recipe_node_types())`` now and whenever a recipe is registered or removed."""
+    _LISTENERS.append(listener)
+    listener(recipe_node_types())
+
+
+def _changed() -> None:
+    for listener in _LISTENERS:
+        listener(recipe_node_types())
 _NOTES_KEY = "memsave_dispatch.noted"
 MAX_DEPTH = 8  # a recipe re-runs at most this many operators in a chain
 
@@ -139,13 +158,16 @@ def register_recipe(*node_types: str, override: bool = False) -> Callable[[Recip
                 raise ValueError(f"{name} already has a recipe; pass override=True to replace it")
         for name in node_types:
             _RECIPES[name] = factory
+        _changed()
         return factory
 
     return decorate
 
 
 def unregister_recipe(node_type: str) -> RecipeFactory:
-    return _RECIPES.pop(node_type)
+    factory = _RECIPES.pop(node_type)
+    _changed()
+    return factory
 
 
 def note(node: Any, **values: Any) -> None:

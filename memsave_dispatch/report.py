@@ -9,7 +9,9 @@ the report never keeps a tensor alive.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +58,7 @@ class OpTally:
         self.stock_unknown = False
         self.kept_bytes = 0
         self.encodings: Counter[str] = Counter()  # what happened to the tensors stock keeps
+        self.first_seen_ns = time.monotonic_ns()  # the compiled engine's counters stamp with this clock too
         self._lock = threading.Lock()
 
     def add_handled(self, stock_bytes: int | None, kept_bytes: int, traced: bool, labels: list[str] | tuple = ()) -> None:
@@ -115,12 +118,29 @@ class Tallies:
                 tally = self._by_op.setdefault(id(op), OpTally(str(op), family))
         return tally
 
-    def report(self, engine: str) -> Report:
-        return Report(tuple(tally.snapshot() for tally in list(self._by_op.values())), engine)
+    def report(self, engine: str, compiled_lines: Iterable[tuple[int, OpReport]] = ()) -> Report:
+        """The report, with the lines the compiled engine counted for the same mode merged in
+        (first seen, in monotonic ns; line): one line per operator, in the order first seen."""
+        lines = [(tally.first_seen_ns, tally.snapshot()) for tally in list(self._by_op.values())]
+        return Report(_merged([*lines, *compiled_lines]), engine)
 
     def clear(self) -> None:
         with self._lock:
             self._by_op.clear()
+
+
+def _merged(lines: Iterable[tuple[int, OpReport]]) -> tuple[OpReport, ...]:
+    by_op: dict[str, tuple[int, OpReport]] = {}
+    for first_seen, line in lines:
+        found = by_op.get(line.op)
+        by_op[line.op] = (first_seen, line) if found is None else (min(found[0], first_seen), found[1].merged(line))
+    return tuple(line for _first_seen, line in sorted(by_op.values(), key=lambda item: item[0]))
+
+
+def _added(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    total = Counter(a)
+    total.update(b)
+    return {key: count for key, count in total.items() if count}
 
 
 @dataclass(frozen=True)
@@ -139,6 +159,20 @@ class OpReport:
     @property
     def saved_bytes(self) -> int | None:
         return None if self.stock_bytes is None else self.stock_bytes - self.kept_bytes
+
+    def merged(self, other: OpReport) -> OpReport:
+        """The same operator counted by the other engine too: both counts together."""
+        unknown = self.stock_bytes is None or other.stock_bytes is None
+        return OpReport(
+            op=self.op,
+            family=self.family,
+            handled=self.handled + other.handled,
+            traced=self.traced + other.traced,
+            to_stock=_added(self.to_stock, other.to_stock),
+            stock_bytes=None if unknown else self.stock_bytes + other.stock_bytes,
+            kept_bytes=self.kept_bytes + other.kept_bytes,
+            encodings=_added(self.encodings, other.encodings),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

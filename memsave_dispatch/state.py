@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any, NamedTuple
 
-__all__ = ["Scope", "scopes", "push", "pop", "outputs_held", "holding_outputs"]
+__all__ = ["Scope", "scopes", "push", "pop", "outputs_held", "holding_outputs", "read_native_outputs_held"]
 
 
 class Scope(NamedTuple):
@@ -54,8 +54,23 @@ def pop(mode: Any) -> bool:
 
 def outputs_held() -> bool:
     """Whether the Python-level call being dispatched hands every output of the operator to
-    its caller (``F.max_pool2d(..., return_indices=True)``)."""
-    return _thread.outputs_held > 0
+    its caller (``F.max_pool2d(..., return_indices=True)``). The compiled engine knows it from
+    its own kernels where a CPU max pooling call of one of its modes came through them."""
+    native = _native_outputs_held()
+    return native > 0 if native >= 0 else _thread.outputs_held > 0
+
+
+def _unknown() -> int:
+    return -1
+
+
+_native_outputs_held = _unknown
+
+
+def read_native_outputs_held(reader) -> None:
+    """Where the compiled engine answers :func:`outputs_held` (-1: it does not know)."""
+    global _native_outputs_held
+    _native_outputs_held = reader
 
 
 class holding_outputs:

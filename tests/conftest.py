@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from memsave_dispatch.handlers import registered_ops, unregister_handler
+from tests.engines import ENGINES, use_engine
 from tests.support import frozen_small_net
+
+
+@pytest.fixture(params=ENGINES)
+def each_engine(request, monkeypatch):
+    """Run the test once per engine: compiled (C++) and the pure-Python reference."""
+    use_engine(monkeypatch, request.param)
+    return request.param
 
 
 @pytest.fixture

@@ -132,3 +132,21 @@ def test_the_public_face_is_small():
     assert len(memsave_dispatch.__all__) <= 8
     for name in memsave_dispatch.__all__:
         assert hasattr(memsave_dispatch, name)
+
+
+def test_the_compiled_engine_is_built_in_one_module_and_driven_from_one():
+    """extension.py alone builds and loads the C++ extension (torch.utils.cpp_extension);
+    compiled.py alone calls into it; everything torch-private on that side stays in csrc/."""
+    builders, drivers = [], []
+    for module, path in _modules().items():
+        for source, name, _line in _imports(module, path):
+            imported = source if name is None else f"{source}.{name}"
+            if imported.startswith("torch.utils.cpp_extension"):
+                builders.append(module)
+            if imported == f"{NAME}.extension":
+                drivers.append(module)
+    assert builders == [f"{NAME}.extension"], builders
+    assert drivers == [f"{NAME}.compiled"], drivers
+    native = sorted(p for p in PACKAGE.rglob("*") if p.suffix in (".cpp", ".cc", ".h", ".hpp", ".cu"))
+    assert native and all(p.parent == PACKAGE / "csrc" for p in native), native
+    assert {p.suffix for p in (PACKAGE / "csrc").iterdir()} <= {".cpp", ".h"}

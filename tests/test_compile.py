@@ -159,3 +159,22 @@ def test_the_compile_cache_tag_changes_with_the_handlers_and_the_package_code(mo
     monkeypatch.setattr(mode_module, "_package_identity", lambda: "an edited engine")
     with MemSaveMode():
         assert torch.compiler.config.cache_key_tag not in (outside, tag)
+
+
+def test_a_graph_compiled_after_uninstall_runs_stock_autograd(fresh_compile_caches):
+    """torch.compile's tracer caches which kernel serves each operator and key; installing and
+    removing kernels must reset that, or a later compilation calls a kernel that is gone."""
+    from memsave_dispatch import engine
+
+    torch.manual_seed(0)
+    net = SmallConvNet(width=8)
+    freeze(net)
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    with MemSaveMode():
+        pass  # installs the kernels
+    torch.compile(net, backend="aot_eager")(x)  # traced while they are installed, outside the mode
+    engine.uninstall()
+    torch._dynamo.reset()
+    (compiled_grad,) = torch.autograd.grad(torch.compile(net, backend="aot_eager")(x).sum(), x)
+    (eager_grad,) = torch.autograd.grad(net(x).sum(), x)
+    torch.testing.assert_close(compiled_grad, eager_grad)

@@ -2,9 +2,10 @@
 PyTorch bit for bit (outputs, every gradient, in-place effects) and for bytes kept; and random
 in-place changes after a handled call, where the mode must raise exactly where stock raises.
 
-CI runs the ``ci`` profile (250 examples per family, a sixth of that for whole encoders;
-derandomised). The extended run:  MEMSAVE_FUZZ=extended python -m pytest tests/test_fuzz.py
-(2,500 per family).
+Every family runs on both engines (compiled and Python). CI runs the ``ci`` profile (250
+examples per family and engine, a sixth of that for whole encoders; derandomised). The
+extended run:  MEMSAVE_FUZZ=extended python -m pytest tests/test_fuzz.py   (2,500 per family
+and engine).
 Failures hypothesis finds are kept below as explicit ``@example``s.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, example, given, settings
@@ -21,6 +23,8 @@ from torch import nn
 from memsave_dispatch import MemSaveMode
 from tests.support import compare_with_stock, run_once
 from tools.bench.encoders import FINE_TUNING, Config, bert_shaped
+
+pytestmark = pytest.mark.usefixtures("each_engine")  # on both engines
 
 settings.register_profile(
     "ci", max_examples=250, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)

@@ -9,7 +9,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from memsave_dispatch import MemSaveMode, audit, slots
+from memsave_dispatch import MemSaveMode, audit, engine
 
 
 def _live_tensors() -> int:
@@ -37,7 +37,7 @@ def test_500_training_steps_hold_memory_flat(prompt_tuned_net):
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            assert not slots.pending_count()  # pending encodings die with their tensors
+            assert not engine.pending_count()  # pending encodings die with their tensors
         if step in (49, 499):
             samples[step] = (_live_tensors(), _rss_bytes())
     (tensors_early, rss_early), (tensors_late, rss_late) = samples[49], samples[499]
@@ -63,4 +63,4 @@ def test_nothing_is_kept_once_backward_frees_the_graph(prompt_tuned_net):
         del out
         model.zero_grad(set_to_none=True)
         assert _live_tensors() == before
-    assert not slots.pending_count()
+    assert not engine.pending_count()

@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memsave_dispatch import MemSaveMode, audit, slots
+from memsave_dispatch import MemSaveMode, audit, engine
 from tests.support import assert_bit_identical, compare_with_stock
+
+pytestmark = pytest.mark.usefixtures("each_engine")  # on both engines
 
 FROZEN = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(7))
 
@@ -243,11 +245,11 @@ def test_nothing_waits_for_a_tensor_once_it_died_or_the_mode_exited():
     with MemSaveMode():
         kept = F.relu(x * 1)
         F.avg_pool2d(F.relu(x * 1), 2)
-        assert slots.pending_count() == 1  # the temporary died and was encoded; kept waits
+        assert engine.pending_count() == 1  # the temporary died and was encoded; kept waits
         out = kept.sum()
-    assert slots.pending_count() == 0
+    assert engine.pending_count() == 0
     del kept  # dies after the mode exited: its node keeps it as stock does, no mask is made
     gc.collect()
-    assert slots.pending_count() == 0
+    assert engine.pending_count() == 0
     assert audit(out).node_types["ReluBackward0"].forms == {"as stock": 1}
     assert audit(out).total_bytes == x.numel() * 4

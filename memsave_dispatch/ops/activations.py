@@ -16,6 +16,7 @@ per bounds and dtype: encoding never reads a tensor back to the host.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -142,7 +143,9 @@ def _decision_mask(backward, bounds: tuple, input, zeroed: float | None, passed:
     """Encode the per-element decision of ``backward(grad, x, *bounds)`` (zero the gradient or
     pass it) as one bit, decoded as ``zeroed``/``passed``, once the kernel is seen to decide
     alike on those two values in its vectorised body and its tail; KEEP otherwise."""
-    if zeroed is None or passed is None or not _decides_alike(backward, bounds, input.dtype, input.device, zeroed, passed):
+    if zeroed is None or passed is None or not _decides_alike(
+        backward, bounds, _signs(*bounds), input.dtype, input.device, zeroed, passed
+    ):
         return KEEP
 
     def passes(tensor):
@@ -151,8 +154,13 @@ def _decision_mask(backward, bounds: tuple, input, zeroed: float | None, passed:
     return encoding(BitMaskCodec(passes, zeroed, passed))
 
 
+def _signs(*values) -> tuple[float, ...]:
+    """-0.0 == 0.0 as a cache key, but a decision must be probed for the very value asked for."""
+    return tuple(math.copysign(1.0, float(value)) for value in values)
+
+
 @functools.lru_cache(maxsize=256)
-def _decides_alike(backward, bounds: tuple, dtype: torch.dtype, device: torch.device, zeroed: float, passed: float) -> bool:
+def _decides_alike(backward, bounds: tuple, _signs: tuple, dtype: torch.dtype, device: torch.device, zeroed: float, passed: float) -> bool:
     """Whether ``device``'s kernel zeroes 67 copies of ``zeroed`` and passes 67 of ``passed``
     (a vectorised body and a tail): asked once per bounds, dtype and device."""
     probe = torch.cat([torch.full((67,), zeroed, dtype=dtype, device=device), torch.full((67,), passed, dtype=dtype, device=device)])

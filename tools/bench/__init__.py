@@ -3,7 +3,8 @@
     python -m tools.bench --quick                  # ResNet-18, every case: under two minutes on 2 cores
     python -m tools.bench --json bench.json --png bench.png
     python -m tools.bench --models vgg11_bn torchvision:resnet50 --cases bias lora
-    python -m tools.bench step                     # step time only, stock against the mode (see step.py)
+    python -m tools.bench step                     # step time and per-call overhead, per engine (see step.py)
+    python -m tools.bench compare docs/bench-quick.json bench.json   # same bytes and peaks?
 
 Run from the repository root; it is not part of the installed library. Rows are model x
 fine-tuning case (which parameters train, whether the input needs a gradient, batch norm in
@@ -26,5 +27,6 @@ Modules: ``models`` (the model zoo), ``cases`` (model specs and fine-tuning case
 ``measure`` (peak bytes, timing, garbage collection, page faults, gradient comparison),
 ``compile_backend`` (how the compile columns compile), ``runner`` (columns, one model x case,
 a whole run), ``render`` (tables, caption, bar chart), ``step`` (the step-time comparison),
-``cli`` (the command line; ``__main__`` runs it).
+``percall`` (the per-call microbenchmark), ``engines`` (choosing MemSaveMode's engine),
+``compare`` (two runs' bytes and peaks), ``cli`` (the command line; ``__main__`` runs it).
 """

@@ -230,8 +230,40 @@ CASES: dict[str, Case] = {
 
 
 # -- the step-time comparison (python -m tools.bench step) -------------------------------
+def _frozen_bn_eval(model: nn.Module) -> None:
+    freeze(model)
+    set_batchnorm_eval(model)
+
+
 STEP_CASES: dict[str, Callable[[nn.Module], None]] = {
-    "frozen conv/BN, BN eval": lambda m: (freeze(m), set_batchnorm_eval(m)),
+    "frozen conv/BN, BN eval": _frozen_bn_eval,
     "frozen conv/BN, BN train": freeze,
     "all trainable": lambda m: None,
+}
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One model in one case at the batch and image size the step-time comparison uses."""
+
+    key: str
+    model: str  # a model_spec name
+    case: str  # a STEP_CASES key
+    batch: int
+    size: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}, {self.case}, batch {self.batch}, {self.size}x{self.size}"
+
+
+STEP_ROWS: dict[str, StepRow] = {
+    row.key: row
+    for row in (
+        StepRow("resnet18-eval", "resnet18", "frozen conv/BN, BN eval", 8, 128),
+        StepRow("resnet18-train", "resnet18", "frozen conv/BN, BN train", 8, 128),
+        StepRow("resnet18-all", "resnet18", "all trainable", 8, 128),
+        StepRow("resnet50-eval", "torchvision:resnet50", "frozen conv/BN, BN eval", 2, 96),
+        StepRow("mobilenet_v3_large-eval", "torchvision:mobilenet_v3_large", "frozen conv/BN, BN eval", 8, 128),
+    )
 }

@@ -1,6 +1,7 @@
 """The command line, one entry point: ``python -m tools.bench [options]`` runs the benchmark,
 ``python -m tools.bench step [options]`` the step-time comparison (:mod:`tools.bench.step`),
-``python -m tools.bench markdown RESULTS.json`` the README's table of a run."""
+``python -m tools.bench markdown RESULTS.json`` the README's table of a run,
+``python -m tools.bench compare A.json B.json`` checks two runs agree on bytes and peaks."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import sys
 import torch
 
 from . import step
-from .cases import CASES, MODELS, STEP_CASES, model_spec
+from .compare import compare_main
+from .cases import CASES, MODELS, STEP_ROWS, model_spec
 from .compile_backend import COMPILE_BACKENDS
 from .measure import PEAK_METHODS
-from .render import MATPLOTLIB_MISSING, markdown, step_table, tables, write_png
+from .engines import MODE_ENGINES
+from .render import MATPLOTLIB_MISSING, markdown, per_call_table, step_tables, tables, write_png
 from .runner import COLUMN, BenchConfig, run_bench
 
 QUICK = {"models": ["resnet18"], "batch": 8, "size": 128, "pairs": 7, "compile": "partition"}
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(argv[1]) as handle:
             sys.stdout.write(markdown(json.load(handle)))
         return 0
+    if argv[:1] == ["compare"]:
+        return compare_main(argv[1:])
     return bench_main(argv)
 
 
@@ -132,25 +137,53 @@ def bench_main(argv: list[str] | None = None) -> int:
     return 1 if differs else 0
 
 
-def step_main(argv: list[str] | None = None) -> list[dict]:
-    """Run the step-time comparison; returns its results."""
+def step_main(argv: list[str] | None = None) -> dict:
+    """Run the step-time comparison, one process per allocator setting; returns its results."""
     from rich.console import Console
 
-    parser = argparse.ArgumentParser(
-        prog="python -m tools.bench step", description=step.__doc__.splitlines()[0]
-    )
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--pairs", type=int, default=41, help="interleaved stock/mode step pairs per case")
-    parser.add_argument("--case", choices=list(STEP_CASES), action="append", help="default: all cases")
+    parser = argparse.ArgumentParser(prog="python -m tools.bench step", description=step.__doc__.splitlines()[0])
+    parser.add_argument("--rows", "--row", nargs="+", action="extend", choices=list(STEP_ROWS), metavar="ROW",
+                        help=f"default: every row whose model is installed: {', '.join(STEP_ROWS)}")
+    parser.add_argument("--engines", nargs="+", choices=MODE_ENGINES, default=list(MODE_ENGINES),
+                        help="the engines MemSaveMode runs on (default: both)")
+    parser.add_argument("--trim", choices=[*step.ALLOCATORS, "both"], default="both",
+                        help="the allocator: glibc's default (trim), freed memory kept (keep), or both (default)")
+    parser.add_argument("--pairs", type=int, default=41, help="interleaved rounds per row (default 41)")
+    parser.add_argument("--batch", type=int, help="override every row's batch")
+    parser.add_argument("--size", type=int, help="override every row's image size")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--per-call-rounds", type=int, default=41, help="rounds of the per-call microbenchmark (default 41)")
+    parser.add_argument("--no-per-call", action="store_true", help="skip the per-call microbenchmark")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--measure-only", metavar="PATH", help=argparse.SUPPRESS)  # one allocator setting, in this process
     args = parser.parse_args(argv)
+    console = Console()
     if args.threads:
         torch.set_num_threads(args.threads)
-    console = Console()
-    results = step.run_step(args.case or list(STEP_CASES), args.batch, args.size, args.pairs, console)
-    console.print(step_table(results, args.batch, args.size))
+    rows, skipped = step.available_rows()
+    if args.rows:
+        rows = [row for row in rows if row.key in args.rows]
+    if args.measure_only:
+        per_call = 0 if args.no_per_call else args.per_call_rounds
+        result = step.measure(rows, args.engines, args.pairs, args.batch, args.size, per_call, console)
+        with open(args.measure_only, "w") as handle:
+            json.dump(result, handle)
+        return result
+    forwarded = ["--engines", *args.engines, "--pairs", str(args.pairs), "--per-call-rounds", str(args.per_call_rounds)]
+    forwarded += ["--rows", *(row.key for row in rows)]
+    for flag in ("batch", "size", "threads"):
+        if getattr(args, flag):
+            forwarded += [f"--{flag}", str(getattr(args, flag))]
+    if args.no_per_call:
+        forwarded.append("--no-per-call")
+    allocators = list(step.ALLOCATORS) if args.trim == "both" else [args.trim]
+    results = {"allocators": {name: step.measure_in_subprocess(name, forwarded) for name in allocators}, "skipped": skipped}
+    for table in step_tables(results):
+        console.print(table)
+    if not args.no_per_call:
+        console.print(per_call_table(results))
+    for reason in skipped:
+        console.print(f"[dim]not measured: {reason}[/dim]")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

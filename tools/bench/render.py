@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 
 from memsave_dispatch.report import format_bytes
 
@@ -211,35 +210,71 @@ MATPLOTLIB_MISSING = "--png needs matplotlib: pip install 'memsave-dispatch[benc
 
 
 # -- the step-time comparison ------------------------------------------------------------------
-def _faults(result: dict) -> str:
-    stock, mode = result["stock_page_faults_per_step"], result["mode_page_faults_per_step"]
-    return "n/a" if stock is None else f"{stock:.0f}, {mode:.0f}"
+def step_tables(results: dict[str, Any]) -> list[Any]:
+    """One table per allocator setting: per row, stock's step time, then per engine the
+    median mode/stock ratio (quartiles), bytes kept and exactness, and page faults per step."""
+    from rich.table import Table
+
+    out = []
+    for allocator, measured in results["allocators"].items():
+        (before, after) = measured["load_average"]
+        table = Table(
+            title=f"Step time, allocator: {ALLOCATOR_LABELS[allocator]}; {measured['threads']} threads, "
+            f"torch {measured['torch']}, load average {before[0]:.1f} -> {after[0]:.1f}",
+            title_justify="left",
+        )
+        table.add_column("row", justify="left")
+        table.add_column("stock ms", justify="right")
+        engines = list(measured["rows"][0]["engines"]) if measured["rows"] else []
+        for name in engines:
+            table.add_column(f"{name}: ratio (IQR)", justify="right")
+            table.add_column(f"{name}: kept, exact", justify="right")
+        table.add_column("faults/step: stock, " + ", ".join(engines), justify="right")
+        for row in measured["rows"]:
+            cells = [f"{row['model']}, {row['case']}, batch {row['batch']}, {row['input'][1]}px", f"{row['stock_ms']:.1f}"]
+            faults = [row["stock_page_faults_per_step"]]
+            for name in engines:
+                figures = row["engines"][name]
+                q1, _, q3 = figures["ratio_quartiles"]
+                cells.append(f"{figures['median_ratio']:.3f} ({q1:.3f}-{q3:.3f})")
+                exact = "bit-identical" if figures["gradients_bit_identical"] else "[red]DIFFERS[/red]"
+                cells.append(f"{format_bytes(figures['mode_bytes'])} of {format_bytes(row['stock_bytes'])}, {exact}")
+                faults.append(figures["page_faults_per_step"])
+            cells.append(", ".join("-" if count is None else f"{count:.0f}" for count in faults))
+            table.add_row(*cells)
+        out.append(table)
+    return out
 
 
-def step_table(results: list[dict], batch: int, size: int) -> Any:
-    """One row per case: step times, their median ratio and quartiles, bytes kept, exactness,
-    page faults per step."""
+ALLOCATOR_LABELS = {"trim": "glibc default (freed memory returned to the OS)", "keep": "freed memory kept (GLIBC_TUNABLES)"}
+
+
+def per_call_table(results: dict[str, Any]) -> Any:
+    """Per handled call: stock microseconds and each engine's overhead, per allocator setting."""
     from rich.table import Table
 
     table = Table(
-        title=f"ResNet-18-shaped net, batch {batch}, 3x{size}x{size}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        title="Per handled call, forward + backward, 1 thread, warm: MemSaveMode's overhead over stock in us "
+        "(median over rounds; quartiles)",
         title_justify="left",
     )
-    columns = ("case", "stock ms", "mode ms", "median ratio (IQR)", "kept stock", "kept mode", "bytes ratio", "grads exact", "page faults/step stock, mode")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "case" else "right")
-    for r in results:
-        q1, _, q3 = r["ratio_quartiles"]
-        table.add_row(
-            r["case"],
-            f"{r['stock_ms']:.1f}",
-            f"{r['mode_ms']:.1f}",
-            f"{r['median_ratio']:.3f} ({q1:.3f}-{q3:.3f})",
-            format_bytes(r["stock_bytes"]),
-            format_bytes(r["mode_bytes"]),
-            f"{r['bytes_ratio']:.3f}",
-            "yes" if r["gradients_bit_identical"] else "NO",
-            _faults(r),
-        )
+    table.add_column("call", justify="left")
+    columns = []
+    for allocator, measured in results["allocators"].items():
+        for name in measured["per_call"][0]["engines"] if measured["per_call"] else ():
+            columns.append((allocator, name))
+            table.add_column(f"{name}, {allocator}", justify="right")
+    table.add_column("stock us", justify="right")
+    calls: dict[str, dict[str, dict]] = {}
+    for allocator, measured in results["allocators"].items():
+        for row in measured["per_call"]:
+            calls.setdefault(row["call"], {})[allocator] = row
+    for call, by_allocator in calls.items():
+        cells = [call]
+        for allocator, name in columns:
+            figures = by_allocator[allocator]["engines"][name]
+            q1, _, q3 = figures["overhead_quartiles_us"]
+            cells.append(f"{figures['overhead_us']:+.2f} ({q1:+.1f}..{q3:+.1f})")
+        cells.append(" / ".join(f"{row['stock_us']:.1f}" for row in by_allocator.values()))
+        table.add_row(*cells)
     return table

@@ -231,3 +231,15 @@ def test_gradient_comparison_is_exact_for_the_mode_and_relative_for_compile():
 
 def _cpu_peak(fn) -> int:
     return allocator_bytes(fn).peak
+
+
+def test_compare_names_every_figure_that_moved():
+    from tools.bench.compare import differences
+
+    def run(peak):
+        cell = {"kept_bytes": 10, "peak_bytes": peak, "exact": "bit-identical", "step_ms": 1.0}
+        return {"rows": [{"model": "m", "case": "c", "columns": {"mode": cell}}]}
+
+    assert differences(run(100), run(100)) == (1, [])
+    count, lines = differences(run(100), run(68))
+    assert count == 1 and lines == ["m / c / mode: peak_bytes 100 -> 68 (-32)"]

@@ -1,0 +1,422 @@
+// Bit masks and pooling-window offsets, one pass each, parallel over the tensor. Buffers come
+// straight from the CPU allocator (no dispatcher): encodings may be made when a tensor dies,
+// whatever dispatch state that thread is in.
+#include "codecs.h"
+
+#include <ATen/EmptyTensor.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/SmallVector.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace memsave {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;  // bytes of output per parallel task
+
+at::Tensor empty_bytes(int64_t n) {
+  return at::Tensor(at::detail::empty_cpu({n}, at::TensorOptions().dtype(at::kByte)));
+}
+
+// -- packing -------------------------------------------------------------------------------
+// Elements as unsigned integers of their width: the predicates read the bits.
+template <typename U>
+struct Bits {
+  static constexpr U sign = U(U(1) << (sizeof(U) * 8 - 1));
+  static constexpr U magnitude = U(~sign);
+};
+
+template <typename U>
+inline bool decide(U u, Predicate predicate, U infinity) {
+  switch (predicate) {
+    case Predicate::NonZero:
+      return (u & Bits<U>::magnitude) != 0;
+    case Predicate::Positive:
+      return u != 0 && u <= infinity;  // sign clear, not +0, not NaN
+    case Predicate::Bool:
+      return u != 0;
+  }
+  return false;
+}
+
+template <typename U>
+inline uint8_t pack8(const U* p, Predicate predicate, U infinity) {
+  uint8_t byte = 0;
+  for (int j = 0; j < 8; ++j) byte |= uint8_t(decide(p[j], predicate, infinity)) << j;
+  return byte;
+}
+
+#if defined(__x86_64__)
+// bool(x) of 32 floats at a time: magnitude != 0.
+__attribute__((target("avx2"))) int64_t pack_nonzero_f32_avx2(const uint32_t* src, uint8_t* dst, int64_t b0, int64_t b1) {
+  const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
+  const __m256i zero = _mm256_setzero_si256();
+  int64_t b = b0;
+  for (; b + 4 <= b1; b += 4) {
+    uint32_t word = 0;
+    for (int k = 0; k < 4; ++k) {
+      __m256i x = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (b + k) * 8)), magnitude);
+      __m256i is_zero = _mm256_cmpeq_epi32(x, zero);
+      word |= uint32_t(~_mm256_movemask_ps(_mm256_castsi256_ps(is_zero)) & 0xff) << (8 * k);
+    }
+    std::memcpy(dst + b, &word, 4);
+  }
+  return b;
+}
+const bool kAvx2 = __builtin_cpu_supports("avx2");
+#endif
+
+template <typename U>
+void pack_elements(const U* src, uint8_t* dst, int64_t n, Predicate predicate, U infinity) {
+  const int64_t full = n / 8;
+  at::parallel_for(0, full, kGrain, [&](int64_t b0, int64_t b1) {
+    int64_t b = b0;
+#if defined(__x86_64__)
+    if constexpr (sizeof(U) == 4) {
+      if (kAvx2 && predicate == Predicate::NonZero) b = pack_nonzero_f32_avx2(reinterpret_cast<const uint32_t*>(src), dst, b0, b1);
+    }
+#endif
+    for (; b < b1; ++b) dst[b] = pack8(src + b * 8, predicate, infinity);
+  });
+  if (n % 8) {
+    U tail[8] = {};  // padding bits are zero, as the Python engine pads with False
+    std::memcpy(tail, src + full * 8, (n % 8) * sizeof(U));
+    dst[full] = pack8(tail, predicate, infinity);
+  }
+}
+
+// -- unpacking -----------------------------------------------------------------------------
+// bool is stored as its byte (std::vector<bool> packs bits)
+template <typename T>
+using Stored = std::conditional_t<std::is_same_v<T, bool>, uint8_t, T>;
+
+template <typename T>
+std::shared_ptr<const std::vector<Stored<T>>> value_table(double low, double high) {
+  // 256 x 8: entry [byte * 8 + j] is high if bit j of byte is set, else low
+  static std::mutex mutex;
+  static std::map<std::pair<uint64_t, uint64_t>, std::shared_ptr<const std::vector<Stored<T>>>> tables;
+  uint64_t low_bits, high_bits;
+  std::memcpy(&low_bits, &low, 8);  // -0.0 and 0.0 are different stand-ins
+  std::memcpy(&high_bits, &high, 8);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& found = tables[{low_bits, high_bits}];
+  if (!found) {
+    auto table = std::make_shared<std::vector<Stored<T>>>(256 * 8);
+    const Stored<T> low_value = Stored<T>(static_cast<T>(low)), high_value = Stored<T>(static_cast<T>(high));
+    for (int byte = 0; byte < 256; ++byte)
+      for (int j = 0; j < 8; ++j) (*table)[byte * 8 + j] = (byte >> j) & 1 ? high_value : low_value;
+    found = std::move(table);
+  }
+  return found;
+}
+
+}  // namespace
+
+at::Tensor pack_bits(const at::Tensor& dense, Predicate predicate) {
+  TORCH_INTERNAL_ASSERT(dense.is_non_overlapping_and_dense() && dense.device().is_cpu());
+  const int64_t n = dense.numel();
+  at::Tensor bits = empty_bytes((n + 7) / 8);
+  uint8_t* dst = bits.data_ptr<uint8_t>();
+  const void* src = dense.const_data_ptr();
+  switch (dense.scalar_type()) {
+    case at::kFloat:
+      pack_elements(static_cast<const uint32_t*>(src), dst, n, predicate, uint32_t(0x7f800000u));
+      break;
+    case at::kDouble:
+      pack_elements(static_cast<const uint64_t*>(src), dst, n, predicate, uint64_t(0x7ff0000000000000ull));
+      break;
+    case at::kBFloat16:
+      pack_elements(static_cast<const uint16_t*>(src), dst, n, predicate, uint16_t(0x7f80));
+      break;
+    case at::kHalf:
+      pack_elements(static_cast<const uint16_t*>(src), dst, n, predicate, uint16_t(0x7c00));
+      break;
+    case at::kBool:
+      TORCH_INTERNAL_ASSERT(predicate == Predicate::Bool);
+      pack_elements(static_cast<const uint8_t*>(src), dst, n, predicate, uint8_t(1));
+      break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "memsave: no bit packing for ", dense.scalar_type());
+  }
+  return bits;
+}
+
+// The Python engine's decoders (BitMask.lookup, WindowOffsetCodec.decode) widen the kept bytes
+// to int32 indices and gather through a table into a buffer padded to whole bytes. These decode
+// the same way, step for step, so that a peak reached while decoding is the same on both engines.
+namespace {
+at::Tensor widened(const uint8_t* src, int64_t n) {
+  at::Tensor index(at::detail::empty_cpu({n}, at::TensorOptions().dtype(at::kInt)));
+  int32_t* dst = index.data_ptr<int32_t>();
+  at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) dst[i] = src[i];
+  });
+  return index;
+}
+
+template <typename T>
+void gather_bytes(const int32_t* index, T* dst, int64_t bytes, double low, double high) {
+  const auto table_ref = value_table<T>(low, high);
+  const auto* table = reinterpret_cast<const T*>(table_ref->data());
+  at::parallel_for(0, bytes, kGrain / int64_t(sizeof(T)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) std::memcpy(dst + b * 8, table + index[b] * 8, 8 * sizeof(T));
+  });
+}
+
+at::Tensor restrided(at::Tensor tensor, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  tensor.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides);
+  return tensor;
+}
+}  // namespace
+
+at::Tensor unpack_bits(const at::Tensor& bits, at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarType dtype,
+                       double low, double high) {
+  const int64_t bytes = bits.numel();
+  at::Tensor values;
+  {
+    const at::Tensor index = widened(bits.const_data_ptr<uint8_t>(), bytes);
+    values = at::Tensor(at::detail::empty_cpu({bytes * 8}, at::TensorOptions().dtype(dtype)));
+    const int32_t* src = index.const_data_ptr<int32_t>();
+    void* dst = values.data_ptr();
+    switch (dtype) {
+      case at::kFloat: gather_bytes(src, static_cast<float*>(dst), bytes, low, high); break;
+      case at::kDouble: gather_bytes(src, static_cast<double*>(dst), bytes, low, high); break;
+      case at::kBFloat16: gather_bytes(src, static_cast<at::BFloat16*>(dst), bytes, low, high); break;
+      case at::kHalf: gather_bytes(src, static_cast<at::Half*>(dst), bytes, low, high); break;
+      case at::kBool: gather_bytes(src, static_cast<bool*>(dst), bytes, low, high); break;
+      case at::kByte: gather_bytes(src, static_cast<uint8_t*>(dst), bytes, low, high); break;
+      default: TORCH_INTERNAL_ASSERT(false, "memsave: no bit unpacking to ", dtype);
+    }
+  }
+  return restrided(std::move(values), sizes, strides);  // the padding after the last element is not read
+}
+
+// -- pooling windows -------------------------------------------------------------------------
+namespace {
+
+std::vector<int64_t> plane_strides(at::IntArrayRef sizes) {
+  std::vector<int64_t> strides(sizes.size());
+  int64_t step = 1;
+  for (int64_t d = int64_t(sizes.size()) - 1; d >= 0; --d) {
+    strides[d] = step;
+    step *= sizes[d];
+  }
+  return strides;
+}
+
+std::shared_ptr<PoolingWindows> finish(std::shared_ptr<PoolingWindows> windows) {
+  const auto [low, high] = std::minmax_element(windows->deltas.begin(), windows->deltas.end());
+  windows->low = *low;
+  windows->offset_of.assign(*high - *low + 1, 255);
+  for (size_t k = 0; k < windows->deltas.size(); ++k) windows->offset_of[windows->deltas[k] - *low] = uint8_t(k);
+  return windows;
+}
+
+// Row-major over the window: deltas of dim d+1 vary fastest.
+void add_dimension(std::vector<int64_t>& deltas, int64_t positions, int64_t step) {
+  std::vector<int64_t> next;
+  next.reserve(deltas.size() * positions);
+  for (int64_t delta : deltas)
+    for (int64_t p = 0; p < positions; ++p) next.push_back(delta + p * step);
+  deltas = std::move(next);
+}
+
+}  // namespace
+
+std::shared_ptr<const PoolingWindows> regular_windows(at::IntArrayRef in_sizes, at::IntArrayRef out_sizes,
+                                                      at::IntArrayRef kernel, at::IntArrayRef stride,
+                                                      at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const auto plane = plane_strides(in_sizes);
+  auto windows = std::make_shared<PoolingWindows>();
+  windows->deltas = {0};
+  for (size_t d = 0; d < in_sizes.size(); ++d) {
+    std::vector<int64_t> corner(out_sizes[d]);
+    for (int64_t o = 0; o < out_sizes[d]; ++o) corner[o] = (o * stride[d] - padding[d]) * plane[d];
+    windows->corner.push_back(std::move(corner));
+    add_dimension(windows->deltas, kernel[d], dilation[d] * plane[d]);
+  }
+  auto sorted = windows->deltas;
+  std::sort(sorted.begin(), sorted.end());
+  if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end() || sorted.size() > 255) return nullptr;
+  return finish(std::move(windows));
+}
+
+std::shared_ptr<const PoolingWindows> adaptive_windows(at::IntArrayRef in_sizes, at::IntArrayRef out_sizes) {
+  const auto plane = plane_strides(in_sizes);
+  auto windows = std::make_shared<PoolingWindows>();
+  windows->deltas = {0};
+  for (size_t d = 0; d < in_sizes.size(); ++d) {
+    const int64_t in = in_sizes[d], out = out_sizes[d];
+    std::vector<int64_t> corner(out);
+    int64_t widest = 0;
+    for (int64_t i = 0; i < out; ++i) {
+      const int64_t start = (i * in) / out, end = ((i + 1) * in + out - 1) / out;
+      corner[i] = start * plane[d];
+      widest = std::max(widest, end - start);
+    }
+    windows->corner.push_back(std::move(corner));
+    add_dimension(windows->deltas, widest, plane[d]);
+  }
+  if (windows->deltas.size() > 255) return nullptr;
+  return finish(std::move(windows));
+}
+
+namespace {
+
+// A dense tensor's elements in memory order, in runs along its innermost memory dimension,
+// with the coordinates of its last `spatial` dimensions kept up to date (no division per element).
+class MemoryWalk {
+ public:
+  using Coords = c10::SmallVector<int64_t, 8>;
+
+  MemoryWalk(at::IntArrayRef sizes, at::IntArrayRef strides, size_t spatial) : spatial_(spatial) {
+    const int64_t dims = sizes.size();
+    c10::SmallVector<int64_t, 8> order;
+    for (int64_t d = 0; d < dims; ++d)
+      if (sizes[d] != 1) order.push_back(d);  // a size-1 dimension has one coordinate: 0
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return strides[a] > strides[b]; });
+    for (int64_t d : order) {
+      size_.push_back(sizes[d]);
+      role_.push_back(d >= dims - int64_t(spatial) ? int(d - (dims - spatial)) : -1);
+    }
+    if (size_.empty()) {
+      size_.push_back(1);
+      role_.push_back(-1);
+    }
+  }
+
+  // f(m, run, coords, inner): elements m .. m+run-1; coords: the spatial coordinates of
+  // element m; along the run, spatial dim `inner` (or none: -1) advances by one per element.
+  template <class F>
+  void for_runs(int64_t m0, int64_t m1, F&& f) const {
+    const int64_t dims = size_.size();
+    Coords c(dims);
+    int64_t rest = m0;
+    for (int64_t k = dims - 1; k >= 0; --k) {
+      c[k] = rest % size_[k];
+      rest /= size_[k];
+    }
+    Coords coords(spatial_, 0);
+    const int inner = role_[dims - 1];
+    int64_t m = m0;
+    while (m < m1) {
+      std::fill(coords.begin(), coords.end(), 0);
+      for (int64_t k = 0; k < dims; ++k)
+        if (role_[k] >= 0) coords[role_[k]] = c[k];
+      const int64_t run = std::min(size_[dims - 1] - c[dims - 1], m1 - m);
+      f(m, run, coords, inner);
+      m += run;
+      c[dims - 1] += run;
+      for (int64_t k = dims - 1; k > 0 && c[k] == size_[k]; --k) {
+        c[k] = 0;
+        ++c[k - 1];
+      }
+    }
+  }
+
+ private:
+  size_t spatial_;
+  c10::SmallVector<int64_t, 8> size_;
+  c10::SmallVector<int, 8> role_;
+};
+
+// origin of the window at `coords`, leaving out dimension `skip`
+inline int64_t origin_of(const PoolingWindows& w, const MemoryWalk::Coords& coords, int skip) {
+  int64_t origin = 0;
+  for (size_t d = 0; d < coords.size(); ++d)
+    if (int(d) != skip) origin += w.corner[d][coords[d]];
+  return origin;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> encode_offsets(const at::Tensor& indices, const PoolingWindows& windows) {
+  TORCH_INTERNAL_ASSERT(indices.scalar_type() == at::kLong && indices.is_non_overlapping_and_dense());
+  const size_t spatial = windows.corner.size();
+  const int64_t n = indices.numel();
+  const bool two_bits = windows.two_bits();
+  const int64_t per_task_unit = two_bits ? 8 : 1;  // a task owns whole bytes of the bit planes
+  const int64_t units = (n + per_task_unit - 1) / per_task_unit;
+  at::Tensor low_plane = empty_bytes(two_bits ? units : n);
+  at::Tensor high_plane = two_bits ? empty_bytes(units) : at::Tensor();
+  uint8_t* low_bits = low_plane.data_ptr<uint8_t>();
+  uint8_t* high_bits = two_bits ? high_plane.data_ptr<uint8_t>() : nullptr;
+  const int64_t* src = indices.const_data_ptr<int64_t>();
+  const MemoryWalk walk(indices.sizes(), indices.strides(), spatial);
+  const uint8_t* offset_of = windows.offset_of.data();
+  const uint64_t range = windows.offset_of.size();
+  std::atomic<bool> outside{false};
+  at::parallel_for(0, units, kGrain, [&](int64_t u0, int64_t u1) {
+    bool bad = false;
+    const int64_t e0 = u0 * per_task_unit, e1 = std::min(n, u1 * per_task_unit);
+    if (two_bits) {
+      std::fill(low_bits + u0, low_bits + u1, 0);
+      std::fill(high_bits + u0, high_bits + u1, 0);
+    }
+    walk.for_runs(e0, e1, [&](int64_t m, int64_t run, const MemoryWalk::Coords& coords, int inner) {
+      const int64_t base = origin_of(windows, coords, inner) + windows.low;
+      const int64_t* corner = inner >= 0 ? windows.corner[inner].data() + coords[inner] : nullptr;
+      for (int64_t r = 0; r < run; ++r) {
+        const uint64_t step = uint64_t(src[m + r] - base - (corner ? corner[r] : 0));  // negative: huge
+        const uint8_t offset = step < range ? offset_of[step] : 255;
+        bad |= offset == 255;
+        if (!two_bits) {
+          low_bits[m + r] = offset;
+        } else {
+          const int64_t e = m + r;
+          low_bits[e >> 3] |= uint8_t((offset & 1) << (e & 7));
+          high_bits[e >> 3] |= uint8_t(((offset >> 1) & 1) << (e & 7));
+        }
+      }
+    });
+    if (bad) outside.store(true, std::memory_order_relaxed);
+  });
+  if (outside.load()) return {};
+  if (two_bits) return {low_plane, high_plane};
+  return {low_plane};
+}
+
+at::Tensor decode_offsets(const std::vector<at::Tensor>& kept, const PoolingWindows& windows, at::IntArrayRef sizes,
+                          at::IntArrayRef strides) {
+  int64_t n = 1;
+  for (int64_t size : sizes) n *= size;
+  at::Tensor offsets = kept[0], high;
+  if (windows.two_bits()) {  // one byte per index from the two bit planes, as the Python engine does
+    offsets = unpack_bits(kept[0], {n}, {1}, at::kByte, 0.0, 1.0);
+    high = unpack_bits(kept[1], {n}, {1}, at::kByte, 0.0, 1.0);
+    uint8_t* low_bytes = offsets.data_ptr<uint8_t>();
+    const uint8_t* high_bytes = high.const_data_ptr<uint8_t>();
+    at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) low_bytes[i] |= uint8_t(high_bytes[i] << 1);
+    });
+  }
+  at::Tensor index = widened(offsets.const_data_ptr<uint8_t>(), n);
+  at::Tensor out(at::detail::empty_cpu({n}, at::TensorOptions().dtype(at::kLong)));
+  if (n == 0) return restrided(std::move(out), sizes, strides);
+  const int32_t* position = index.const_data_ptr<int32_t>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  const int64_t* deltas = windows.deltas.data();
+  const MemoryWalk walk(sizes, strides, windows.corner.size());
+  at::parallel_for(0, n, kGrain / 8, [&](int64_t e0, int64_t e1) {
+    walk.for_runs(e0, e1, [&](int64_t m, int64_t run, const MemoryWalk::Coords& coords, int inner) {
+      const int64_t base = origin_of(windows, coords, inner);
+      const int64_t* corner = inner >= 0 ? windows.corner[inner].data() + coords[inner] : nullptr;
+      for (int64_t r = 0; r < run; ++r) dst[m + r] = base + (corner ? corner[r] : 0) + deltas[position[m + r]];
+    });
+  });
+  index.reset();
+  return restrided(std::move(out), sizes, strides);
+}
+
+}  // namespace memsave

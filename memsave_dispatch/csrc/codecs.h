@@ -1,0 +1,51 @@
+// Exact compact encodings, byte for byte the ones the Python engine makes
+// (memsave_dispatch/codecs.py): the same bits in the same order, so both engines keep the
+// same bytes and hand backward the same stand-ins. One pass each, parallel over the tensor.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <vector>
+
+namespace memsave {
+
+// Which yes/no decision of an element a bit keeps.
+enum class Predicate : uint8_t {
+  NonZero,  // bool(x): x != 0, NaN included (a ReLU output's "y > 0")
+  Positive,  // x > 0, NaN excluded (leaky ReLU's input)
+  Bool,  // a bool tensor's own value
+};
+
+// The predicate of every element of a dense tensor, in memory order, 8 per byte, first
+// element in the lowest bit (BitMask.pack). Floating or bool tensors.
+at::Tensor pack_bits(const at::Tensor& dense, Predicate predicate);
+
+// A tensor of `dtype` laid out as sizes/strides (dense), holding `high` where the bit is set
+// and `low` elsewhere (BitMaskCodec.decode).
+at::Tensor unpack_bits(const at::Tensor& bits, at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarType dtype,
+                       double low, double high);
+
+// Max pooling's windows over the last `dims` dimensions of one input plane (codecs.PoolingWindows).
+struct PoolingWindows {
+  std::vector<std::vector<int64_t>> corner;  // per spatial dim, per output position: its flat-index contribution
+  std::vector<int64_t> deltas;  // flat step of each window position, row-major over the window
+  std::vector<uint8_t> offset_of;  // step - low -> position (255: none)
+  int64_t low = 0;
+  bool two_bits() const { return deltas.size() <= 4; }
+};
+
+// nullptr where no offset describes every index (as the Python engine's windows are None).
+std::shared_ptr<const PoolingWindows> regular_windows(at::IntArrayRef in_sizes, at::IntArrayRef out_sizes,
+                                                      at::IntArrayRef kernel, at::IntArrayRef stride,
+                                                      at::IntArrayRef padding, at::IntArrayRef dilation);
+std::shared_ptr<const PoolingWindows> adaptive_windows(at::IntArrayRef in_sizes, at::IntArrayRef out_sizes);
+
+// Argmax indices (dense int64) as window offsets: one uint8 per index, or two bit planes
+// (low bit, high bit) when a window has at most four positions. Empty if some index is not
+// inside its window.
+std::vector<at::Tensor> encode_offsets(const at::Tensor& indices, const PoolingWindows& windows);
+at::Tensor decode_offsets(const std::vector<at::Tensor>& kept, const PoolingWindows& windows, at::IntArrayRef sizes,
+                          at::IntArrayRef strides);
+
+}  // namespace memsave

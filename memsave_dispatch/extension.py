@@ -1,0 +1,164 @@
+"""The compiled engine's extension: built on first use, cached, loaded; or one warning.
+
+The C++ sources ship in the package (``csrc/``). The first MemSaveMode built in a process
+compiles them against the installed torch with ``torch.utils.cpp_extension`` (ninja and a C++
+compiler; about a minute on two cores, with a status line) into torch's extension cache
+(``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), one folder per torch
+release; every later process loads it in milliseconds (ninja rebuilds what changed when the
+package is upgraded).
+
+``MEMSAVE_DISPATCH_ENGINE=python`` skips all of this: the pure-Python engine runs. Without a
+compiler, with a failed build or a torch release the extension is not written for, a single
+warning says so and the pure-Python engine runs: same savings, same gradients, more time per
+call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ._compat import TORCH
+
+__all__ = ["ENGINE_VARIABLE", "ENGINES", "requested_engine", "load", "unavailable_reason"]
+
+ENGINE_VARIABLE = "MEMSAVE_DISPATCH_ENGINE"
+ENGINES = ("auto", "compiled", "python")
+#: The oldest torch release whose private headers the C++ sources are written against.
+OLDEST_TORCH = "2.13"
+SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))
+_HEADERS = tuple(sorted((Path(__file__).parent / "csrc").glob("*.h")))
+_FLAGS = ("-O3",)
+
+
+def requested_engine() -> str:
+    """``$MEMSAVE_DISPATCH_ENGINE``: auto (default: compiled where it builds), compiled, python."""
+    value = os.environ.get(ENGINE_VARIABLE, "auto").strip().lower() or "auto"
+    if value not in ENGINES:
+        raise ValueError(f"{ENGINE_VARIABLE}={value!r}; use one of {', '.join(ENGINES)}")
+    return value
+
+
+class _Loader:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done = False
+        self.module: ModuleType | None = None
+        self.reason: str | None = None
+
+    def load(self) -> ModuleType | None:
+        if self.done:
+            return self.module
+        with self.lock:
+            if not self.done:
+                try:
+                    self.module = _build_and_import()
+                except _Unavailable as why:
+                    self.reason = str(why)
+                    warnings.warn(
+                        f"memsave-dispatch: the compiled engine is unavailable ({self.reason}); MemSaveMode runs "
+                        f"on the pure-Python engine: the same savings and gradients, more time per call. Set "
+                        f"{ENGINE_VARIABLE}=python to choose it and silence this warning.",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                self.done = True
+        return self.module
+
+
+class _Unavailable(Exception):
+    pass
+
+
+_loader = _Loader()
+
+
+def load() -> ModuleType | None:
+    """The extension module, built first if needed; None (after one warning per process)
+    where it cannot be had."""
+    return _loader.load()
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`load` returned None, once it did."""
+    return _loader.reason
+
+
+_NAME = "memsave_dispatch_engine"
+
+
+def _digest() -> str:
+    """What the build depends on besides the torch release (its folder)."""
+    digest = hashlib.sha256()
+    for path in (*SOURCES, *_HEADERS):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest.update(" ".join(_FLAGS).encode())
+    return digest.hexdigest()
+
+
+def _build_and_import() -> ModuleType:
+    if TORCH < OLDEST_TORCH:
+        raise _Unavailable(f"it is written for torch {OLDEST_TORCH} and later, this is torch {torch.__version__}")
+    if not SOURCES:
+        raise _Unavailable("its C++ sources are missing from the installed package")
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    directory = Path(root) / "memsave_dispatch" / f"torch-{torch.__version__}"
+    stamp = directory / "sources.sha256"
+    digest = _digest()
+    building = not (directory / f"{_NAME}.so").exists() or not stamp.exists() or stamp.read_text() != digest
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with _status(building, directory):
+            module = cpp_extension.load(
+                name=_NAME,
+                sources=[str(path) for path in SOURCES],
+                extra_cflags=list(_FLAGS),
+                build_directory=str(directory),
+                is_python_module=True,
+                verbose=False,
+            )
+        if building:
+            stamp.write_text(digest)
+        return module
+    except (RuntimeError, OSError, ImportError, SystemError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise _Unavailable(f"building it failed: {first_line[:300]}") from error
+
+
+class _status:
+    """A status line on stderr while the extension compiles (first use only)."""
+
+    def __init__(self, building: bool, directory: Path) -> None:
+        self.building, self.directory = building, directory
+
+    def __enter__(self) -> None:
+        self.start = time.monotonic()
+        self.live = None
+        if self.building:
+            from rich.console import Console
+
+            self.console = Console(stderr=True)
+            self.live = self.console.status(
+                f"memsave-dispatch: compiling its engine for torch {torch.__version__} (once, about a minute; "
+                f"cached in {self.directory})"
+            )
+            self.live.__enter__()
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if self.live is None:
+            return
+        self.live.__exit__(exc_type, exc, traceback)
+        if exc_type is None:
+            seconds = time.monotonic() - self.start
+            self.console.print(f"memsave-dispatch: engine compiled in {seconds:.0f} s", style="dim")
+        sys.stderr.flush()
