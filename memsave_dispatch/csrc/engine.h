@@ -42,7 +42,8 @@ class Tallies {
  public:
   explicit Tallies(size_t ops) : ops_(ops) {}
   void add_stock(int op, int family, Reason reason);
-  void add_handled(int op, int family, int64_t stock_bytes, int64_t kept_bytes, uint32_t labels);
+  void add_handled(int op, int family, int64_t stock_bytes, int64_t kept_bytes,
+                   const std::array<uint8_t, kNumLabels>& labels);
   void reencode(int op, Label from, Label to, int64_t kept_delta);
   std::vector<OpCounts> snapshot() const;
   void clear();

@@ -71,14 +71,15 @@ void Tallies::add_stock(int op, int family, Reason reason) {
   ++seen(op, family).reasons[reason];
 }
 
-void Tallies::add_handled(int op, int family, int64_t stock_bytes, int64_t kept_bytes, uint32_t labels) {
+void Tallies::add_handled(int op, int family, int64_t stock_bytes, int64_t kept_bytes,
+                          const std::array<uint8_t, kNumLabels>& labels) {
   std::lock_guard<std::mutex> lock(mutex_);
   OpCounts& counts = seen(op, family);
   ++counts.handled;
   counts.stock_bytes += stock_bytes;
   counts.kept_bytes += kept_bytes;
   for (int label = 0; label < kNumLabels; ++label)
-    if (labels & (1u << label)) ++counts.labels[label];
+    counts.labels[label] += labels[label];
 }
 
 void Tallies::reencode(int op, Label from, Label to, int64_t kept_delta) {

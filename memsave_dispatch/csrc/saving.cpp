@@ -82,11 +82,13 @@ Outcome apply(const NodePtr& node, const Decisions& saved, const Outputs& output
     if (!tensor.defined()) continue;
     const auto key = StorageBytes::key_of(tensor);
     stock.add(key);
-    if (d.decision == Decision::Keep || tensor.numel() == 0) {  // an empty tensor costs nothing
+    // a parameter (no storage key) lives on, unshared never: kept as it is (slots.apply)
+    const bool parameter_waits = d.decision == Decision::EncodeWhenUnshared && !key.first;
+    if (d.decision == Decision::Keep || tensor.numel() == 0 || parameter_waits) {  // an empty tensor costs nothing
       kept.add(key);
       continue;
     }
-    outcome.labels |= 1u << label_of(d);
+    ++outcome.labels[label_of(d)];
     const int output = output_index(tensor, outputs);
     // stock names the node itself for one of its own outputs, else the tensor's producer
     Origin origin = output >= 0 && !tensor.is_leaf() ? Origin(tensor, node.get(), tensor.output_nr()) : Origin(tensor);

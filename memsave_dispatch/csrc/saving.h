@@ -6,6 +6,7 @@
 
 #include <c10/util/SmallVector.h>
 
+#include <array>
 #include <initializer_list>
 #include <memory>
 #include <vector>
@@ -28,7 +29,7 @@ using Outputs = c10::SmallVector<at::Tensor, 3>;
 struct Outcome {
   int64_t stock_bytes = 0;
   int64_t kept_bytes = 0;
-  uint32_t labels = 0;  // bit per Label: one count per call and kind of change
+  std::array<uint8_t, kNumLabels> labels{};  // changed slots per Label (slots.apply: one count per slot)
 };
 
 // Where the call records: every mode active in this thread, as the innermost sees the operator.
