@@ -155,6 +155,14 @@ case(aten.native_dropout.default, "train, mask dropped", lambda x: torch.native_
 for need in ((True, False, True), (False, True, False), (True, True, True)):
     case(aten.addmm.default, f"linear, grads {need}", lambda x, w, b: F.linear(F.relu(x), w, b), lambda need=need: {"x": _x(3, 4, requires_grad=need[0]), "w": _param(5, 4, requires_grad=need[1]), "b": _param(5, requires_grad=need[2])})
     case(aten.mm.default, f"linear without bias, grads {need[:2]}", lambda x, w: F.linear(x, w), lambda need=need: {"x": _x(3, 4, requires_grad=need[0]), "w": _param(5, 4, requires_grad=need[1] or not need[0])})
+# Where main's Python engine does more than the C++ rules, the compiled engine hands the call
+# to it: an input a recipe rebuilds (GELU's output, kept by the linear layer and dropped once
+# unshared), a LayerNorm (its handler notes epsilon for the recipe), an activation of a view
+# (the Python engine waits for the view's base), an activation of a parameter (kept as is).
+case(aten.addmm.default, "its input rebuilt from a GELU", lambda x, w, b: F.linear(F.gelu(x * 1), w, b).mean(-1), lambda: {"x": _x(3, 4), "w": _param(5, 4, requires_grad=True), "b": _param(5)})
+case(aten.mm.default, "its input rebuilt from a LayerNorm", lambda x, w: F.linear(F.layer_norm(x * 1, (4,)), w).mean(-1), lambda: {"x": _x(3, 4), "w": _param(5, 4, requires_grad=True)})
+case(aten.leaky_relu.default, "of a view, consumed", lambda x: F.leaky_relu((x * 1)[:, :2], 0.1).mean(-1), lambda: {"x": _x(2, 3, 4, 4)})
+case(aten.hardtanh.default, "of a parameter", lambda w: F.hardtanh(w, -0.5, 0.5) * 2, lambda: {"w": _param(4, 4, requires_grad=True)})
 
 for training in (False, True):
     for affine in ((False, False), (True, False), (False, True)):
