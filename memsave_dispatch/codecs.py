@@ -195,9 +195,10 @@ def two_value_table(dtype: torch.dtype, low: float, high: float, device: torch.d
         if table is not None:
             _RECENT_TABLES.move_to_end(key)
             return table
-    bits = _PINNED_TABLES.get((*_table_key(torch.bool, False, True), device))
-    if bits is None:
-        bits = byte_patterns(device).bool()
+    if key == (*_table_key(torch.bool, False, True), device):
+        bits = byte_patterns(device).bool()  # the one table the others are made from
+    else:
+        bits = two_value_table(torch.bool, False, True, device)
     table = torch.full(bits.shape, low, dtype=dtype, device=device).masked_fill_(bits, high)
     if not is_compiling():  # a table made while torch.compile traces is a fake tensor
         with _TABLES_LOCK:

@@ -63,6 +63,8 @@ from ._compat import (
     stock_kernel,
 )
 from .reasons import (
+    CHECKPOINTED_REGION,
+    DURING_BACKWARD,
     GRAD_MODE_OFF,
     IN_PLACE_ON_A_VIEW,
     INPUT_HANDED_BACK,
@@ -189,7 +191,7 @@ def _route(entry: HandlerEntry, device, stock, active: list, keyset, args: tuple
             return stock.call_boxed(keyset, *args, **kwargs)  # a backward formula's or a rebuild's own
         # create_graph's formulas, a reentrant checkpoint's recomputation: left to stock, so no
         # rebuild or encoding starts inside a backward pass
-        reason = "during backward"
+        reason = DURING_BACKWARD
     elif not torch.is_grad_enabled():
         reason = GRAD_MODE_OFF
     elif (
@@ -210,7 +212,7 @@ def _route(entry: HandlerEntry, device, stock, active: list, keyset, args: tuple
     if user_hooks is not None and (is_checkpoint_hooks(user_hooks) or not saved_tensor_hooks_enabled()):
         # Non-reentrant checkpointing recomputes the region during backward, where calls run
         # stock, and the recomputation must save exactly what the first pass saved
-        reason = "checkpointed region"
+        reason = CHECKPOINTED_REGION
     if reason is not None:
         _tally_stock(entry, active, reason)
         return stock.call_boxed(keyset, *args, **kwargs)
@@ -321,10 +323,12 @@ def _run_handler(entry: HandlerEntry, active: list, full_arguments: tuple):
 def _an_input_is_rebuildable(entry: HandlerEntry, args: tuple, kwargs: dict) -> bool:
     """Whether a tensor this call keeps could be rebuilt instead (its producer has a recipe):
     then the call is handled even where its handler would keep everything."""
+    if not REBUILDS_AVAILABLE:
+        return False
     for tensor in entry.tensor_arguments(args, kwargs):
         if tensor is not None and tensor.requires_grad:
             base = tensor if tensor._base is None else tensor._base
-            if base.grad_fn is not None and REBUILDS_AVAILABLE and has_recipe(base.grad_fn):
+            if base.grad_fn is not None and has_recipe(base.grad_fn):
                 return True
     return False
 

@@ -9,6 +9,8 @@ __all__ = [
     "NO_INPUT_REQUIRES_GRAD",
     "IN_PLACE_ON_A_VIEW",
     "INPUT_HANDED_BACK",
+    "DURING_BACKWARD",
+    "CHECKPOINTED_REGION",
     "device_not_enabled",
     "COMPILED",
 ]
@@ -18,6 +20,9 @@ NOTHING_TO_SAVE = "nothing to save"
 NO_INPUT_REQUIRES_GRAD = "no input requires grad"
 IN_PLACE_ON_A_VIEW = "in place on a view"
 INPUT_HANDED_BACK = "input handed back"
+# the Python engine's only (the compiled engine hands these calls to it)
+DURING_BACKWARD = "during backward"
+CHECKPOINTED_REGION = "checkpointed region"
 
 
 def device_not_enabled(device: str) -> str:

@@ -244,6 +244,16 @@ def _readable(node: Any, slot: Slot) -> bool:
     return not state.user_hooks and slot.name not in node.metadata.get(UNSHARED_KEY, ())
 
 
+def _a_freed_parameter(node: Any, name: str) -> bool:
+    """Whether the slot holds a parameter whose memory is gone for now (FSDP2 frees a unit's
+    gathered parameters after its forward): it is there again for its own node's backward, not
+    necessarily for a consumer's rebuild."""
+    if inspect_slot(node, name).holder is not None:
+        return False  # an encoding of this library's, never a parameter: not decoded here
+    value = saved_value(node, name)  # stock's own slot: the tensor itself
+    return value is not None and is_parameter(value) and value.untyped_storage().nbytes() == 0
+
+
 def keeps(node: Any, name: str) -> bool:
     """Whether the node keeps a tensor in slot ``name`` (stock's, or one of this library's
     holders): for a recipe to choose between reading an operand and rebuilding it."""
@@ -264,14 +274,8 @@ def _bind(node: Any, output_nr: int, dtype: torch.dtype | None, depth: int) -> _
     bound = _Bound(node, recipe, dtype)
     specs = (*recipe.args, *recipe.kwargs.values())
     for spec in specs:
-        if isinstance(spec, Slot):
-            if not _readable(node, spec):
-                return None
-            value = saved_value(node, spec.name)
-            if value is not None and is_parameter(value) and value.untyped_storage().nbytes() == 0:
-                # a sharded parameter (FSDP2 freed it after its unit's forward): it is there
-                # again for its own node's backward, not necessarily for this consumer's
-                return None
+        if isinstance(spec, Slot) and (not _readable(node, spec) or _a_freed_parameter(node, spec.name)):
+            return None
         if isinstance(spec, OutputDtype) and dtype is None:
             return None
         if isinstance(spec, Noted) and spec.key not in node.metadata.get(_NOTES_KEY, {}):

@@ -318,3 +318,22 @@ def test_two_rebuilt_slots_in_one_call_are_counted_once_each():
     row = mode.report["bmm"]
     assert row.encodings == {"rebuilt": 2}
     assert row.stock_bytes == 2 * x.numel() * 4 and row.kept_bytes == 0
+
+
+@rebuilds
+def test_planning_a_rebuild_decodes_nothing_in_forward(monkeypatch):
+    """Planning reads the slots a recipe will use without unpacking an encoding (dropout's
+    noise): a decode in forward would allocate the whole tensor there."""
+    from memsave_dispatch import holders
+
+    unpacked = []
+    unpack = holders.Encoded.unpack
+    monkeypatch.setattr(holders.Encoded, "unpack", lambda self, packed: unpacked.append(1) or unpack(self, packed))
+    x, v = _scores_and_values()
+    monkeypatch.setenv("MEMSAVE_DISPATCH_ENGINE", "python")  # the Python engine's holders
+    with MemSaveMode() as mode:
+        torch.manual_seed(0)
+        out = _attention(x, v)
+        assert not unpacked
+        out.sum().backward()
+    assert unpacked and mode.report()["bmm"].encodings == {"rebuilt": 1}
