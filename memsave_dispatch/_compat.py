@@ -42,6 +42,8 @@ __all__ = [
     "AUTOGRAD_RUNTIME_KEYS",
     "autograd_keyset",
     "has_composite_implicit_kernel",
+    "python_dispatcher_enabled",
+    "traced_stock_kernel",
     "stock_kernel",
     "library",
     "destroy_library",
@@ -167,6 +169,18 @@ def autograd_keyset() -> torch._C.DispatchKeySet:
 
 def has_composite_implicit_kernel(op: torch._ops.OpOverload) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")
+
+
+def traced_stock_kernel(op: torch._ops.OpOverload, key: DispatchKey) -> Callable[..., Any] | None:
+    """The Python kernel torch's Python dispatcher (torch.compile's tracer) runs for ``op`` at
+    ``key`` now (a composite's Python decomposition, e.g. dropout's), or None where it runs the
+    C++ kernel. Read before registering over ``key``: a registration there changes the answer."""
+    return op.py_kernels.get(torch._ops.resolve_key(op, key))
+
+
+def python_dispatcher_enabled() -> bool:
+    """Whether this call comes through torch's Python dispatcher (tracing)."""
+    return torch._C._dispatch_tls_is_dispatch_key_included(DispatchKey.PythonDispatcher)
 
 
 def stock_kernel(op: torch._ops.OpOverload, key: DispatchKey) -> Any | None:

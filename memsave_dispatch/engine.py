@@ -57,10 +57,12 @@ from ._compat import (
     library,
     no_torch_function,
     op_short_name,
+    python_dispatcher_enabled,
     proxy_tracing,
     saved_tensor_hooks_enabled,
     skip_in_dynamo,
     stock_kernel,
+    traced_stock_kernel,
 )
 from .reasons import (
     CHECKPOINTED_REGION,
@@ -87,6 +89,11 @@ _AUTOGRAD_CPU = DispatchKey.AutogradCPU
 _install_lock = threading.RLock()
 _installed: dict[OpOverload, Any] = {}  # op -> the library holding its kernel
 _stock_kernels: dict[OpOverload, dict] = {}
+# Where stock's tracer runs a Python kernel instead (a decomposition: dropout's into native_dropout,
+# batch norm's), by autograd key. Outside a mode tracing gets it, as without us; inside one too
+# for a composite operator (its traced form never reaches autograd whole, and its parts meet
+# their own handlers), so that a compiled graph draws the same random numbers as stock's.
+_traced_stock_kernels: dict[OpOverload, dict] = {}
 
 
 # -- installing ----------------------------------------------------------------------------
@@ -138,6 +145,7 @@ def _stock_kernels_of(op: OpOverload) -> dict:
     if stocks is None:
         stocks = {key: kernel for key in AUTOGRAD_RUNTIME_KEYS if (kernel := stock_kernel(op, key)) is not None}
         _stock_kernels[op] = stocks
+        _traced_stock_kernels[op] = {key: kernel for key in DEVICES if (kernel := traced_stock_kernel(op, key))}
     return stocks
 
 
@@ -158,6 +166,8 @@ def _install_kernel(op: OpOverload) -> Any:
 
 def _make_kernel(op: OpOverload, stocks: dict):
     cpu_stock = stocks.get(_AUTOGRAD_CPU)
+    traced_stocks = _traced_stock_kernels[op]
+    composite = has_composite_implicit_kernel(op)
     op_id = id(op)
     scopes = state.scopes
 
@@ -166,6 +176,9 @@ def _make_kernel(op: OpOverload, stocks: dict):
         stock = cpu_stock if key == _AUTOGRAD_CPU else stocks[key]
         active = scopes()
         entry = active[-1].entries.get(op_id) if active else None  # as of the mode's entry
+        if (entry is None or composite) and key in traced_stocks and python_dispatcher_enabled():
+            # stock's tracer decomposes here; a composite's parts meet their own handlers
+            return traced_stocks[key](*args, **kwargs)
         if entry is None:
             return stock.call_boxed(keyset, *args, **kwargs)
         # The mode's own __torch_function__ has nothing to do with the library's internal

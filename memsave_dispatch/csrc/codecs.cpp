@@ -23,7 +23,9 @@
 namespace memsave {
 namespace {
 
-constexpr int64_t kGrain = 1 << 15;  // bytes of output per parallel task
+// Elements per parallel task: stock's own grain (at::internal::GRAIN_SIZE), so that an
+// encoding splits over the threads wherever the kernel that made the tensor did.
+constexpr int64_t kGrain = 1 << 15;
 
 at::Tensor empty_bytes(int64_t n) {
   return at::Tensor(at::detail::empty_cpu({n}, at::TensorOptions().dtype(at::kByte)));
@@ -80,7 +82,7 @@ const bool kAvx2 = __builtin_cpu_supports("avx2");
 template <typename U>
 void pack_elements(const U* src, uint8_t* dst, int64_t n, Predicate predicate, U infinity) {
   const int64_t full = n / 8;
-  at::parallel_for(0, full, kGrain, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, full, kGrain / 8, [&](int64_t b0, int64_t b1) {
     int64_t b = b0;
 #if defined(__x86_64__)
     if constexpr (sizeof(U) == 4) {
@@ -152,25 +154,44 @@ at::Tensor pack_bits(const at::Tensor& dense, Predicate predicate) {
   return bits;
 }
 
-// The Python engine's decoders (BitMask.lookup, WindowOffsetCodec.decode) widen the kept bytes
-// to int32 indices and gather through a table into a buffer padded to whole bytes. These decode
-// the same way, step for step, so that a peak reached while decoding is the same on both engines.
+// Each kept byte becomes its 8 elements, copied from a table of all 256 (L1-resident), in one
+// parallel pass straight into the stand-in backward reads.
 namespace {
-at::Tensor widened(const uint8_t* src, int64_t n) {
-  at::Tensor index(at::detail::empty_cpu({n}, at::TensorOptions().dtype(at::kInt)));
-  int32_t* dst = index.data_ptr<int32_t>();
-  at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) dst[i] = src[i];
-  });
-  return index;
-}
-
 template <typename T>
-void gather_bytes(const int32_t* index, T* dst, int64_t bytes, double low, double high) {
+void expand_bytes(const uint8_t* src, T* dst, int64_t bytes, double low, double high) {
   const auto table_ref = value_table<T>(low, high);
   const auto* table = reinterpret_cast<const T*>(table_ref->data());
-  at::parallel_for(0, bytes, kGrain / int64_t(sizeof(T)), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) std::memcpy(dst + b * 8, table + index[b] * 8, 8 * sizeof(T));
+  at::parallel_for(0, bytes, kGrain / 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) std::memcpy(dst + b * 8, table + int64_t(src[b]) * 8, 8 * sizeof(T));
+  });
+}
+
+#if defined(__x86_64__)
+// The same for 4-byte elements, 32 bytes per load and store.
+__attribute__((target("avx2"))) void expand_bytes_4_avx2(const uint8_t* src, uint32_t* dst, int64_t b0, int64_t b1,
+                                                         const uint32_t* table) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const __m256i row = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + int64_t(src[b]) * 8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + b * 8), row);
+  }
+}
+#endif
+
+template <>
+void expand_bytes<float>(const uint8_t* src, float* dst, int64_t bytes, double low, double high) {
+  const auto table_ref = value_table<float>(low, high);
+#if defined(__x86_64__)
+  if (kAvx2) {
+    const auto* table = reinterpret_cast<const uint32_t*>(table_ref->data());
+    at::parallel_for(0, bytes, kGrain / 8, [&](int64_t b0, int64_t b1) {
+      expand_bytes_4_avx2(src, reinterpret_cast<uint32_t*>(dst), b0, b1, table);
+    });
+    return;
+  }
+#endif
+  const float* table = table_ref->data();
+  at::parallel_for(0, bytes, kGrain / 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) std::memcpy(dst + b * 8, table + int64_t(src[b]) * 8, 8 * sizeof(float));
   });
 }
 
@@ -183,21 +204,17 @@ at::Tensor restrided(at::Tensor tensor, at::IntArrayRef sizes, at::IntArrayRef s
 at::Tensor unpack_bits(const at::Tensor& bits, at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarType dtype,
                        double low, double high) {
   const int64_t bytes = bits.numel();
-  at::Tensor values;
-  {
-    const at::Tensor index = widened(bits.const_data_ptr<uint8_t>(), bytes);
-    values = at::Tensor(at::detail::empty_cpu({bytes * 8}, at::TensorOptions().dtype(dtype)));
-    const int32_t* src = index.const_data_ptr<int32_t>();
-    void* dst = values.data_ptr();
-    switch (dtype) {
-      case at::kFloat: gather_bytes(src, static_cast<float*>(dst), bytes, low, high); break;
-      case at::kDouble: gather_bytes(src, static_cast<double*>(dst), bytes, low, high); break;
-      case at::kBFloat16: gather_bytes(src, static_cast<at::BFloat16*>(dst), bytes, low, high); break;
-      case at::kHalf: gather_bytes(src, static_cast<at::Half*>(dst), bytes, low, high); break;
-      case at::kBool: gather_bytes(src, static_cast<bool*>(dst), bytes, low, high); break;
-      case at::kByte: gather_bytes(src, static_cast<uint8_t*>(dst), bytes, low, high); break;
-      default: TORCH_INTERNAL_ASSERT(false, "memsave: no bit unpacking to ", dtype);
-    }
+  at::Tensor values(at::detail::empty_cpu({bytes * 8}, at::TensorOptions().dtype(dtype)));
+  const uint8_t* src = bits.const_data_ptr<uint8_t>();
+  void* dst = values.data_ptr();
+  switch (dtype) {
+    case at::kFloat: expand_bytes(src, static_cast<float*>(dst), bytes, low, high); break;
+    case at::kDouble: expand_bytes(src, static_cast<double*>(dst), bytes, low, high); break;
+    case at::kBFloat16: expand_bytes(src, static_cast<at::BFloat16*>(dst), bytes, low, high); break;
+    case at::kHalf: expand_bytes(src, static_cast<at::Half*>(dst), bytes, low, high); break;
+    case at::kBool: expand_bytes(src, static_cast<bool*>(dst), bytes, low, high); break;
+    case at::kByte: expand_bytes(src, static_cast<uint8_t*>(dst), bytes, low, high); break;
+    default: TORCH_INTERNAL_ASSERT(false, "memsave: no bit unpacking to ", dtype);
   }
   return restrided(std::move(values), sizes, strides);  // the padding after the last element is not read
 }
@@ -220,6 +237,14 @@ std::shared_ptr<PoolingWindows> finish(std::shared_ptr<PoolingWindows> windows) 
   windows->low = *low;
   windows->offset_of.assign(*high - *low + 1, 255);
   for (size_t k = 0; k < windows->deltas.size(); ++k) windows->offset_of[windows->deltas[k] - *low] = uint8_t(k);
+  windows->origins = {0};
+  for (const auto& corner : windows->corner) {
+    std::vector<int64_t> next;
+    next.reserve(windows->origins.size() * corner.size());
+    for (int64_t origin : windows->origins)
+      for (int64_t c : corner) next.push_back(origin + c);
+    windows->origins = std::move(next);
+  }
   return windows;
 }
 
@@ -331,6 +356,17 @@ class MemoryWalk {
   c10::SmallVector<int, 8> role_;
 };
 
+// Whether a dense layout is row-major (size-1 dimensions' strides do not matter).
+bool row_major(at::IntArrayRef sizes, at::IntArrayRef strides) {
+  int64_t expected = 1;
+  for (int64_t d = int64_t(sizes.size()) - 1; d >= 0; --d) {
+    if (sizes[d] == 1) continue;
+    if (strides[d] != expected) return false;
+    expected *= sizes[d];
+  }
+  return true;
+}
+
 // origin of the window at `coords`, leaving out dimension `skip`
 inline int64_t origin_of(const PoolingWindows& w, const MemoryWalk::Coords& coords, int skip) {
   int64_t origin = 0;
@@ -357,12 +393,34 @@ std::vector<at::Tensor> encode_offsets(const at::Tensor& indices, const PoolingW
   const uint8_t* offset_of = windows.offset_of.data();
   const uint64_t range = windows.offset_of.size();
   std::atomic<bool> outside{false};
-  at::parallel_for(0, units, kGrain, [&](int64_t u0, int64_t u1) {
+  // In a contiguous tensor, element e sits at position e % plane of its plane: its window's
+  // origin comes from the windows' table, no walk needed.
+  const bool planar = row_major(indices.sizes(), indices.strides());
+  const int64_t plane = int64_t(windows.origins.size());
+  const int64_t* origins = windows.origins.data();
+  at::parallel_for(0, units, two_bits ? kGrain / 8 : kGrain, [&](int64_t u0, int64_t u1) {
     bool bad = false;
     const int64_t e0 = u0 * per_task_unit, e1 = std::min(n, u1 * per_task_unit);
     if (two_bits) {
       std::fill(low_bits + u0, low_bits + u1, 0);
       std::fill(high_bits + u0, high_bits + u1, 0);
+    }
+    if (planar) {
+      int64_t k = e0 % plane;
+      for (int64_t e = e0; e < e1; ++e) {
+        const uint64_t step = uint64_t(src[e] - origins[k] - windows.low);  // negative: huge
+        const uint8_t offset = step < range ? offset_of[step] : 255;
+        bad |= offset == 255;
+        if (!two_bits) {
+          low_bits[e] = offset;
+        } else {
+          low_bits[e >> 3] |= uint8_t((offset & 1) << (e & 7));
+          high_bits[e >> 3] |= uint8_t(((offset >> 1) & 1) << (e & 7));
+        }
+        if (++k == plane) k = 0;
+      }
+      if (bad) outside.store(true, std::memory_order_relaxed);
+      return;
     }
     walk.for_runs(e0, e1, [&](int64_t m, int64_t run, const MemoryWalk::Coords& coords, int inner) {
       const int64_t base = origin_of(windows, coords, inner) + windows.low;
@@ -391,31 +449,38 @@ at::Tensor decode_offsets(const std::vector<at::Tensor>& kept, const PoolingWind
                           at::IntArrayRef strides) {
   int64_t n = 1;
   for (int64_t size : sizes) n *= size;
-  at::Tensor offsets = kept[0], high;
-  if (windows.two_bits()) {  // one byte per index from the two bit planes, as the Python engine does
-    offsets = unpack_bits(kept[0], {n}, {1}, at::kByte, 0.0, 1.0);
-    high = unpack_bits(kept[1], {n}, {1}, at::kByte, 0.0, 1.0);
-    uint8_t* low_bytes = offsets.data_ptr<uint8_t>();
-    const uint8_t* high_bytes = high.const_data_ptr<uint8_t>();
-    at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) low_bytes[i] |= uint8_t(high_bytes[i] << 1);
-    });
-  }
-  at::Tensor index = widened(offsets.const_data_ptr<uint8_t>(), n);
   at::Tensor out(at::detail::empty_cpu({n}, at::TensorOptions().dtype(at::kLong)));
   if (n == 0) return restrided(std::move(out), sizes, strides);
-  const int32_t* position = index.const_data_ptr<int32_t>();
+  // the window position of element e: its byte, or its bits in the two planes
+  const bool two_bits = windows.two_bits();
+  const uint8_t* low = kept[0].const_data_ptr<uint8_t>();
+  const uint8_t* high = two_bits ? kept[1].const_data_ptr<uint8_t>() : nullptr;
   int64_t* dst = out.data_ptr<int64_t>();
   const int64_t* deltas = windows.deltas.data();
   const MemoryWalk walk(sizes, strides, windows.corner.size());
-  at::parallel_for(0, n, kGrain / 8, [&](int64_t e0, int64_t e1) {
+  const bool planar = row_major(sizes, strides);
+  const int64_t plane = int64_t(windows.origins.size());
+  const int64_t* origins = windows.origins.data();
+  at::parallel_for(0, n, kGrain, [&](int64_t e0, int64_t e1) {
+    if (planar) {  // as in encode_offsets
+      int64_t k = e0 % plane;
+      for (int64_t e = e0; e < e1; ++e) {
+        const int position = two_bits ? ((low[e >> 3] >> (e & 7)) & 1) | (((high[e >> 3] >> (e & 7)) & 1) << 1) : low[e];
+        dst[e] = origins[k] + deltas[position];
+        if (++k == plane) k = 0;
+      }
+      return;
+    }
     walk.for_runs(e0, e1, [&](int64_t m, int64_t run, const MemoryWalk::Coords& coords, int inner) {
       const int64_t base = origin_of(windows, coords, inner);
       const int64_t* corner = inner >= 0 ? windows.corner[inner].data() + coords[inner] : nullptr;
-      for (int64_t r = 0; r < run; ++r) dst[m + r] = base + (corner ? corner[r] : 0) + deltas[position[m + r]];
+      for (int64_t r = 0; r < run; ++r) {
+        const int64_t e = m + r;
+        const int position = two_bits ? ((low[e >> 3] >> (e & 7)) & 1) | (((high[e >> 3] >> (e & 7)) & 1) << 1) : low[e];
+        dst[e] = base + (corner ? corner[r] : 0) + deltas[position];
+      }
     });
   });
-  index.reset();
   return restrided(std::move(out), sizes, strides);
 }
 

@@ -31,6 +31,7 @@ struct PoolingWindows {
   std::vector<std::vector<int64_t>> corner;  // per spatial dim, per output position: its flat-index contribution
   std::vector<int64_t> deltas;  // flat step of each window position, row-major over the window
   std::vector<uint8_t> offset_of;  // step - low -> position (255: none)
+  std::vector<int64_t> origins;  // per output position of a plane (row-major): its window's origin
   int64_t low = 0;
   bool two_bits() const { return deltas.size() <= 4; }
 };

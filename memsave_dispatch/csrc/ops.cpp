@@ -724,6 +724,21 @@ template <class Op>
 constexpr bool kWaitsOnInput = std::is_same_v<Op, at::_ops::leaky_relu> || std::is_same_v<Op, at::_ops::hardtanh> ||
                                std::is_same_v<Op, at::_ops::threshold>;
 
+// Calls whose rule never keeps an input as it is, and whose node no recipe reads: an input
+// with a recipe does not send them to the Python engine, since no rebuild can start there
+// (slots._rebuild_or_keep reads KEEP decisions only). That holds in place, where the input
+// becomes the node's own output, except for dropout: its Mul node has a recipe, which
+// rebuilds the output from the input only through the Python engine's encoding of the noise.
+template <class Op>
+constexpr bool kDropout = std::is_same_v<Op, at::_ops::dropout> || std::is_same_v<Op, at::_ops::dropout_> ||
+                          std::is_same_v<Op, at::_ops::feature_dropout> ||
+                          std::is_same_v<Op, at::_ops::feature_dropout_> || std::is_same_v<Op, at::_ops::native_dropout>;
+template <class Op>
+constexpr bool kKeepsNoInput =
+    std::is_same_v<Op, at::_ops::relu> || kMaxPoolWithIndices<Op> || std::is_same_v<Op, at::_ops::avg_pool2d> ||
+    std::is_same_v<Op, at::_ops::avg_pool3d> || std::is_same_v<Op, at::_ops::_adaptive_avg_pool2d> ||
+    std::is_same_v<Op, at::_ops::_adaptive_avg_pool3d>;
+
 // -- the kernel ------------------------------------------------------------------------------------------
 template <class Op, class Sig = typename Op::schema>
 struct Kernel;
@@ -733,13 +748,20 @@ struct Kernel<Op, Ret(Args...)> {
   static inline const c10::OperatorHandle* handle = nullptr;
   static inline const c10::KernelFunction* stock = nullptr;  // captured before anything overrode it
   static inline const c10::KernelFunction* next = nullptr;  // the Python engine's kernel
+  static constexpr bool kInPlace = std::is_same_v<std::tuple_element_t<0, std::tuple<Args...>>, at::Tensor&>;
 
   static Ret call(const c10::KernelFunction* kernel, c10::DispatchKeySet ks, Args... args) {
     return kernel->template call<Ret, Args...>(*handle, ks, std::forward<Args>(args)...);
   }
 
   static Ret fn(c10::DispatchKeySet ks, Args... args) {
-    if (C10_LIKELY(!tls_active)) return call(stock, ks, std::forward<Args>(args)...);  // as received
+    if (C10_LIKELY(!tls_active)) {
+      // Tracing goes to the Python engine's kernel, which runs what stock's tracer runs (a
+      // Python decomposition, for some operators); anything else gets stock as received.
+      if (C10_UNLIKELY(c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::PythonDispatcher)))
+        return call(next, ks, std::forward<Args>(args)...);
+      return call(stock, ks, std::forward<Args>(args)...);
+    }
     ThreadState& thread = thread_state();
     if constexpr (kMaxPoolWithIndices<Op>) {
       if (thread.scopes.back()->entries[index].compiled) {  // (the Python engine asks its TorchFunctionMode)
@@ -757,7 +779,9 @@ struct Kernel<Op, Ret(Args...)> {
     if (backward_running()) return call(next, ks, args...);  // the Python engine leaves it to stock
     const CallSite site{index, &entry, &thread};
     if (!at::GradMode::is_enabled()) return to_stock(site, kGradOff, ks, args...);
-    if (an_input_is_rebuildable(args...)) return call(next, ks, args...);  // rebuilds: Python only
+    if constexpr (!((kInPlace && !kDropout<Op>) || kKeepsNoInput<Op>)) {
+      if (an_input_is_rebuildable(args...)) return call(next, ks, args...);  // rebuilds: Python only
+    }
     if constexpr (kWaitsOnInput<Op>) {
       if (std::get<0>(std::forward_as_tuple(args...)).is_view()) return call(next, ks, args...);
     }
@@ -767,19 +791,19 @@ struct Kernel<Op, Ret(Args...)> {
     (check(args), ...);
     if (check.unusual) return call(next, ks, args...);
     if (!check.needs_grad) return to_stock(site, kNoInputRequiresGrad, ks, args...);
-    if constexpr (std::is_same_v<std::tuple_element_t<0, std::tuple<Args...>>, at::Tensor&>) {
+    if constexpr (kInPlace) {
       // autograd wraps the node of an in-place call on a view in a CopySlices node on the base
       if (std::get<0>(std::forward_as_tuple(args...)).is_view()) return to_stock(site, kInPlaceOnView, ks, args...);
     }
     NodePtr previous;
-    if constexpr (std::is_same_v<std::tuple_element_t<0, std::tuple<Args...>>, at::Tensor&>) {
+    if constexpr (kInPlace) {
       previous = std::get<0>(std::forward_as_tuple(args...)).grad_fn();
     }
     Ret result = call(stock, ks, args...);
     const Outputs outputs = outputs_of(result);
     const NodePtr& node = outputs[0].grad_fn();
     if (!node) return result;  // nothing required grad after all
-    if constexpr (std::is_same_v<std::tuple_element_t<0, std::tuple<Args...>>, at::Tensor&>) {
+    if constexpr (kInPlace) {
       if (node == previous) {  // an in-place call that left the node as it was
         site.to_stock(kInputHandedBack);
         return result;
