@@ -239,8 +239,27 @@ PEAKS_DIFFER = {
     "aten.adaptive_max_pool2d.default: adaptive 1-d, indices returned",
 }
 #: Where the forward pass sets the peak (the pooled sum still alive), the Python engine's window
-#: offsets, made from int64 temporaries, peak above the compiled engine's single pass.
-PEAKS_LOWER_COMPILED = {"aten.max_pool2d_with_indices.default: of a sum"}
+#: offsets, made from int64 temporaries, peak above the compiled engine's single pass. And a
+#: float32/float64 ReLU mask: the compiled engine's threshold_backward reads its bits in place,
+#: where the Python engine decodes them into a tensor of the output's size first.
+PEAKS_LOWER_COMPILED = {
+    "aten.max_pool2d_with_indices.default: of a sum",
+    "aten.addmm.default: linear, grads (True, False, True)",
+    "aten.relu.default: consumed, a strided view",
+    "aten.relu.default: consumed, channels_last",
+    "aten.relu.default: consumed, contiguous",
+    "aten.relu.default: consumed, float32",
+    "aten.relu.default: consumed, float64",
+    "aten.relu.default: consumed, size-1 dimensions",
+    "aten.relu.default: of a sum",
+    "aten.relu.default: on a strided view",
+    "aten.relu.default: on channels_last",
+    "aten.relu.default: on contiguous",
+    "aten.relu.default: on size-1 dimensions",
+    "aten.relu_.default: consumed, float32",
+    "aten.relu_.default: consumed, float64",
+    "aten.relu_.default: of a residual sum",
+}
 
 
 @pytest.mark.parametrize("name", sorted(set(CASES) - PEAKS_DIFFER))
@@ -400,6 +419,71 @@ def test_an_input_with_a_recipe_leaves_calls_that_keep_no_input_compiled(compile
         assert any(holders.values()), holders
         assert all(isinstance(holder, NativeSlot) == native for holder in holders.values() if holder is not None), holders
         loss.backward()
+
+
+def _relu_gradients(x: torch.Tensor, grad: torch.Tensor, *, create_graph: bool = False, before_backward=None):
+    """d(relu(x * 1))/dx against ``grad`` (relu's output unshared: its mask is what backward gets)."""
+    y = F.relu(x * 1).mul(1.5)
+    if before_backward is not None:
+        before_backward()
+    (dx,) = torch.autograd.grad(y, x, grad, create_graph=create_graph)
+    if create_graph:
+        (ddx,) = torch.autograd.grad(dx.square().sum(), x)  # through threshold_backward's own backward
+        return dx, ddx
+    return (dx,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "a strided view"])
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "double backward"])
+def test_relu_backward_reads_the_mask_in_place_like_stock(compiled_engine, dtype, layout, create_graph):
+    """ReLU's backward reads the kept bits directly (no decoded tensor): the gradient is stock's
+    bit for bit (NaN and -0.0 in the input, NaN in the incoming gradient) and laid out as stock
+    lays it out, through double backward too."""
+    x = _x(2, 3, 5, 8 if layout == "a strided view" else 4, dtype=dtype, specials=True, requires_grad=False,
+           channels_last=layout == "channels_last")
+    if layout == "a strided view":
+        x = x[..., ::2]
+    x.requires_grad_(True)
+    grad = seeded_randn(*x.shape, seed=5, dtype=dtype)
+    grad.view(-1)[4] = float("nan")
+    stock = _relu_gradients(x, grad, create_graph=create_graph)
+    with MemSaveMode() as mode:
+        ours = _relu_gradients(x, grad, create_graph=create_graph)
+    assert mode.report()["relu"].encodings == {"1-bit mask": 1}
+    for a, b in zip(ours, stock):
+        assert_bit_identical(a, b, "gradient")
+        assert a.stride() == b.stride()
+
+
+def test_python_reading_a_relu_slot_during_backward_gets_the_stand_in(compiled_engine):
+    """Python code reading ReLU's saved result while backward runs (a hook) gets the decoded
+    stand-in, as outside backward, not the ghost its node hands threshold_backward."""
+    x = _x(2, 3, 4, 4)
+    with MemSaveMode():
+        hidden = F.relu(x * 1)
+        node = hidden.grad_fn
+        out = hidden.mul(2.0)
+        del hidden  # unshared: the slot holds the mask
+        before = node._saved_result.clone()
+        seen = []
+        out.register_hook(lambda grad: seen.append(node._saved_result.clone()))
+        out.sum().backward()
+    assert torch.equal(before, (F.relu(x.detach()) != 0).float())
+    assert_bit_identical(seen[0], before, "saved result read during backward")
+
+
+def test_relu_masks_decode_once_the_engine_is_uninstalled(compiled_engine):
+    """A graph built in the mode, its backward run after the engine's kernels were removed:
+    the masks decode for stock's kernel, as the Python engine's do."""
+    from memsave_dispatch import engine
+
+    x = _x(2, 3, 4, 4)
+    grad = seeded_randn(2, 3, 4, 4, seed=5)
+    stock = _relu_gradients(x, grad)
+    with MemSaveMode():
+        ours = _relu_gradients(x, grad, before_backward=engine.uninstall)
+    assert_bit_identical(ours[0], stock[0], "gradient")
 
 
 def test_a_handler_from_python_runs_beside_the_compiled_ones(each_engine):

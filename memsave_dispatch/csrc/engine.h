@@ -110,6 +110,7 @@ const Settings& settings();
 bool is_parameter_instance(const at::Tensor& tensor);  // isinstance(tensor, Parameter)
 bool is_parameter(const at::Tensor& tensor);  // a Parameter, or a view of one (storage.is_parameter)
 bool is_plain_tensor_object(const at::Tensor& tensor);  // no Python object, or exactly Tensor/Parameter
+bool python_holds_this_thread();  // this thread holds the GIL: Python code is the caller
 struct HolderCore;
 // A slot's (unpack hook, packed data) as Python reads them (slots.NativeSlot(...).unpack,
 // None): what the audit tabulates, and what compiled autograd calls. New references; needs

@@ -99,6 +99,25 @@ at::Tensor GhostCore::unpack() {
   return ghost_of(layout);
 }
 
+std::atomic<bool> masks_read_in_place{false};
+
+const MaskOnGhost* mask_on(const at::Tensor& tensor) {
+  c10::BackendMeta* meta = tensor.unsafeGetTensorImpl()->get_backend_meta();
+  return meta ? dynamic_cast<const MaskOnGhost*>(meta) : nullptr;
+}
+
+namespace {
+at::Tensor mask_on_ghost(std::shared_ptr<const Codec> codec, const Encoded& encoded) {
+  Layout layout;
+  layout.sizes.assign(encoded.sizes.begin(), encoded.sizes.end());
+  layout.strides.assign(encoded.strides.begin(), encoded.strides.end());
+  layout.dtype = encoded.dtype;
+  at::Tensor ghost = make_ghost(layout);  // its own TensorImpl: the bits ride on it
+  ghost.unsafeGetTensorImpl()->set_backend_meta(c10::make_intrusive<MaskOnGhost>(std::move(codec), encoded));
+  return ghost;
+}
+}  // namespace
+
 // -- watches -----------------------------------------------------------------------------------
 namespace {
 // Rides on the TensorImpl; destroyed with it. Copies of the tensor (detach, views) do not
@@ -307,6 +326,7 @@ Encoded Codec::encode(const at::Tensor& tensor) const {
                      (layout == Layout::Preserved || !has_size_one(tensor));
   const at::Tensor source = fused ? tensor : decision_of(tensor, *this);
   out.kept = {pack_bits(source, fused ? predicate : Predicate::Bool)};
+  out.memory_order = fused;
   out.sizes.assign(source.sizes().begin(), source.sizes().end());
   out.strides.assign(source.strides().begin(), source.strides().end());
   out.dtype = tensor.scalar_type();
@@ -344,6 +364,11 @@ at::Tensor EncodedCore::unpack() {
   origin.check();
   std::lock_guard<std::mutex> lock(mutex);
   if (deferred) return original;
+  // in a backward pass, ReLU's node hands the mask to threshold_backward undecoded (Python
+  // code reading the slot, which holds the GIL, gets the decoded stand-in)
+  if (codec->read_in_place && encoded.memory_order && masks_read_in_place.load(std::memory_order_acquire) &&
+      torch::autograd::get_current_graph_task_id() != -1 && !python_holds_this_thread())
+    return mask_on_ghost(codec, encoded);
   return codec->decode(encoded);
 }
 

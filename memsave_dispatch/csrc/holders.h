@@ -75,6 +75,7 @@ struct Encoded {
   std::vector<at::Tensor> kept;
   std::vector<int64_t> sizes, strides;  // of the stand-in backward reads
   at::ScalarType dtype = at::kFloat;
+  bool memory_order = false;  // bit k is the tensor's element at storage offset k (packed from it)
   int64_t nbytes() const;
 };
 
@@ -90,6 +91,7 @@ struct Codec {
   Layout layout = Layout::Preserved;
   std::function<at::Tensor(const at::Tensor&)> decide;  // a bool decision of the kernel's own (else: predicate)
   double low = 0.0, high = 1.0;
+  bool read_in_place = false;  // ReLU's mask: threshold_backward may read the bits (MaskOnGhost)
   // pooling offsets
   std::shared_ptr<const PoolingWindows> windows;
 
@@ -143,6 +145,22 @@ struct EncodedCore final : HolderCore {
   at::Tensor original;  // while deferred (or where the codec could not encode it)
   Encoded encoded;
 };
+
+// A ReLU mask handed to backward undecoded: on the TensorImpl of a ghost with the output's
+// layout, whose values are not read. The kernel of threshold_backward (ops.cpp) reads the bits
+// where the ghost comes in as `self`; anything else decodes them first.
+struct MaskOnGhost final : c10::BackendMeta {
+  MaskOnGhost(std::shared_ptr<const Codec> codec, Encoded encoded) : codec(std::move(codec)), encoded(std::move(encoded)) {}
+  c10::intrusive_ptr<c10::BackendMeta> clone(const c10::intrusive_ptr<c10::BackendMeta>& self) const override {
+    return self;  // autograd's copy of an unpacked tensor keeps the bits
+  }
+  at::Tensor decode() const { return codec->decode(encoded); }
+  std::shared_ptr<const Codec> codec;
+  Encoded encoded;
+};
+const MaskOnGhost* mask_on(const at::Tensor& tensor);  // nullptr: an ordinary tensor
+// Whether threshold_backward's kernel that reads masks is installed (ops.cpp sets it).
+extern std::atomic<bool> masks_read_in_place;
 
 // Give `slot` hooks over `core` (this packs at once and drops the slot's own reference).
 void hook(SavedVariable& slot, std::shared_ptr<HolderCore> core);

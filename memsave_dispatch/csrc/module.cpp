@@ -111,6 +111,10 @@ bool is_parameter(const at::Tensor& tensor) {
   return tensor.is_view() && is_parameter_instance(at::Tensor(tensor._base()));
 }
 
+bool python_holds_this_thread() {
+  return Py_IsInitialized() && PyGILState_Check();
+}
+
 bool is_plain_tensor_object(const at::Tensor& tensor) {
   PyTypeObject* type = python_type(tensor);
   return !type || type == tensor_type || type == parameter_type;

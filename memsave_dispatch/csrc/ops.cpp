@@ -12,6 +12,7 @@
 #include "saving.h"
 
 #include <ATen/SavedTensorHooks.h>
+#include <ATen/TensorIterator.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/generated/Functions.h>
@@ -19,6 +20,10 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstring>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <map>
 #include <string>
 #include <tuple>
@@ -202,8 +207,13 @@ std::shared_ptr<const Codec> mask_codec(Predicate predicate, Codec::Layout layou
   return codec;
 }
 
-// bool(NaN) is True and bool(-0.0) False: exactly "not y <= 0" for every ReLU output.
-const auto kReluMask = mask_codec(Predicate::NonZero, Codec::Layout::Preserved, 0.0, 1.0);
+// bool(NaN) is True and bool(-0.0) False: exactly "not y <= 0" for every ReLU output, which is
+// all ReLU's backward (threshold_backward(grad, y, 0)) asks of y: it may read the bits in place.
+const auto kReluMask = [] {
+  auto codec = std::make_shared<Codec>(*mask_codec(Predicate::NonZero, Codec::Layout::Preserved, 0.0, 1.0));
+  codec->read_in_place = true;
+  return std::shared_ptr<const Codec>(codec);
+}();
 const auto kPositiveMask = mask_codec(Predicate::Positive, Codec::Layout::Iterator, 0.0, 1.0);
 const auto kBoolMask = mask_codec(Predicate::Bool, Codec::Layout::Preserved, 0.0, 1.0);
 
@@ -834,6 +844,135 @@ struct Kernel<Op, Ret(Args...)> {
   }
 };
 
+// -- ReLU's backward from its mask ----------------------------------------------------------------------------
+// threshold_backward(grad, y, 0) is grad where y > 0 (or NaN), else +0: where `y` is a ghost
+// carrying y's mask (MaskOnGhost), the bits answer that in one pass over grad, and the output
+// is laid out as stock's (the same TensorIterator configuration as its structured kernel).
+// Any other call gets stock's CPU kernel (with the mask decoded, where a ghost comes otherwise).
+const c10::OperatorHandle* threshold_backward_handle = nullptr;
+const c10::KernelFunction* threshold_backward_stock = nullptr;
+
+bool reads_mask_in_place(const at::Tensor& grad, const at::Tensor& self, const at::Scalar& threshold) {
+  const at::ScalarType dtype = self.scalar_type();
+  return threshold.toDouble() == 0.0 && (dtype == at::kFloat || dtype == at::kDouble) && grad.defined() &&
+         grad.scalar_type() == dtype && grad.layout() == at::kStrided && grad.device().is_cpu() &&
+         grad.sizes().equals(self.sizes()) && (grad.key_set() & kNotEager).empty() && !grad.is_conj() && !grad.is_neg();
+}
+
+// A run of `n` elements, each stored next to the last, starting at mask element k.
+template <typename U>
+void select_run(U* out, const U* grad, const uint8_t* bits, int64_t k, int64_t n) {
+  for (int64_t i = 0; i < n; ++i, ++k) out[i] = grad[i] & (U(0) - U((bits[k >> 3] >> (k & 7)) & 1));
+}
+
+#if defined(__x86_64__)
+const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+
+// The same for 4-byte elements, 8 (one mask byte) at a time once k is at a byte's start.
+__attribute__((target("avx2"))) void select_run_avx2(uint32_t* out, const uint32_t* grad, const uint8_t* bits,
+                                                      int64_t k, int64_t n) {
+  int64_t i = 0;
+  const int64_t head = std::min(n, (8 - (k & 7)) & 7);
+  select_run(out, grad, bits, k, head);
+  i += head;
+  const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (; i + 8 <= n; i += 8) {
+    const __m256i byte = _mm256_set1_epi32(bits[(k + i) >> 3]);
+    const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lanes), lanes);
+    const __m256i values = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grad + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_and_si256(values, keep));
+  }
+  select_run(out + i, grad + i, bits, k + i, n - i);
+}
+#endif
+
+template <typename T, typename U>
+void select_by_bits(at::TensorIterator& iter, const char* base, const uint8_t* bits) {
+  iter.for_each([&](char** data, const int64_t* strides, int64_t size0, int64_t size1) {
+    for (int64_t j = 0; j < size1; ++j) {
+      char* out = data[0] + j * strides[3];
+      const char* in = data[1] + j * strides[4];
+      const char* grad = data[2] + j * strides[5];
+      constexpr int64_t kSize = int64_t(sizeof(T));
+      if (strides[0] == kSize && strides[1] == kSize && strides[2] == kSize) {
+        const int64_t k = (in - base) / kSize;
+#if defined(__x86_64__)
+        if constexpr (sizeof(U) == 4) {
+          if (kHasAvx2) {
+            select_run_avx2(reinterpret_cast<uint32_t*>(out), reinterpret_cast<const uint32_t*>(grad), bits, k, size0);
+            continue;
+          }
+        }
+#endif
+        select_run(reinterpret_cast<U*>(out), reinterpret_cast<const U*>(grad), bits, k, size0);
+        continue;
+      }
+      for (int64_t i = 0; i < size0; ++i) {
+        const int64_t k = (in + i * strides[1] - base) / int64_t(sizeof(T));
+        const U keep = U(0) - U((bits[k >> 3] >> (k & 7)) & 1);  // all ones or all zeros: grad's bits or +0
+        U value;
+        std::memcpy(&value, grad + i * strides[2], sizeof(U));
+        value &= keep;
+        std::memcpy(out + i * strides[0], &value, sizeof(U));
+      }
+    }
+  });
+}
+
+at::Tensor threshold_backward_from_mask(const at::Tensor& grad, const at::Tensor& self, const MaskOnGhost& mask) {
+  at::TensorIteratorConfig config;
+  config.set_check_mem_overlap(true)
+      .allow_cpu_scalars(true)
+      .promote_inputs_to_common_dtype(true)
+      .cast_common_dtype_to_outputs(true)
+      .enforce_safe_casting_to_output(true)
+      .add_owned_output(at::Tensor())
+      .add_owned_const_input(self)
+      .add_owned_const_input(grad);
+  at::TensorIterator iter = config.build();
+  const char* base = static_cast<const char*>(self.const_data_ptr());
+  const uint8_t* bits = mask.encoded.kept[0].const_data_ptr<uint8_t>();
+  if (self.scalar_type() == at::kFloat) {
+    select_by_bits<float, uint32_t>(iter, base, bits);
+  } else {
+    select_by_bits<double, uint64_t>(iter, base, bits);
+  }
+  return iter.output();
+}
+
+at::Tensor threshold_backward_cpu(c10::DispatchKeySet ks, const at::Tensor& grad, const at::Tensor& self,
+                                  const at::Scalar& threshold) {
+  if (C10_UNLIKELY(self.unsafeGetTensorImpl()->get_backend_meta() != nullptr)) {
+    if (const MaskOnGhost* mask = mask_on(self)) {
+      if (reads_mask_in_place(grad, self, threshold)) return threshold_backward_from_mask(grad, self, *mask);
+      return threshold_backward_stock->call<at::Tensor, const at::Tensor&, const at::Tensor&, const at::Scalar&>(
+          *threshold_backward_handle, ks, grad, mask->decode(), threshold);
+    }
+  }
+  return threshold_backward_stock->call<at::Tensor, const at::Tensor&, const at::Tensor&, const at::Scalar&>(
+      *threshold_backward_handle, ks, grad, self, threshold);
+}
+
+std::unique_ptr<torch::Library> cpu_library;
+
+void install_threshold_backward() {
+  if (cpu_library) return;
+  if (!threshold_backward_stock) {
+    auto op = c10::Dispatcher::singleton().findSchemaOrThrow("aten::threshold_backward", "");
+    threshold_backward_handle = new c10::OperatorHandle(op);
+    c10::SafeKernelFunction safe = op.getComputedKernelForDispatchKey(c10::DispatchKey::CPU);
+    threshold_backward_stock = new c10::KernelFunction(safe.*get(KernelOfSafe()));
+  }
+  cpu_library = std::make_unique<torch::Library>(torch::Library::IMPL, "aten", c10::DispatchKey::CPU, __FILE__, __LINE__);
+  cpu_library->impl("threshold_backward", torch::CppFunction::makeFromUnboxedFunction(&threshold_backward_cpu));
+  masks_read_in_place.store(true, std::memory_order_release);
+}
+
+void uninstall_threshold_backward() {
+  masks_read_in_place.store(false, std::memory_order_release);
+  cpu_library.reset();
+}
+
 // -- registry of this engine's kernels --------------------------------------------------------------------
 struct OpRecord {
   const char* name;
@@ -922,11 +1061,13 @@ void install(const std::vector<int>& ops) {
       install_pooling_scopes(*library);
       pooling_scopes_installed = true;
     }
+    if (op == k_relu || op == k_relu_) install_threshold_backward();
   }
 }
 
 void uninstall() {
   std::lock_guard<std::mutex> lock(install_mutex);
+  uninstall_threshold_backward();
   library.reset();
   installed.assign(installed.size(), false);
   pooling_scopes_installed = false;
