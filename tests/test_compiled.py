@@ -169,6 +169,9 @@ case(aten.hardtanh.default, "of a parameter", lambda w: F.hardtanh(w, -0.5, 0.5)
 case(aten.relu_.default, "of a residual sum", lambda x, y: F.relu((x * 2).add_(y), inplace=True).mean(-1), lambda: {"x": _x(2, 3, 4, 4), "y": _x(2, 3, 4, 4)})
 case(aten.relu.default, "of a sum", lambda x, y: F.relu(x + y).mean(-1), lambda: {"x": _x(2, 3, 4, 4), "y": _x(2, 3, 4, 4)})
 case(aten.max_pool2d_with_indices.default, "of a sum", lambda x, y: F.max_pool2d(x + y, 2), lambda: {"x": _x(2, 3, 6, 6), "y": _x(2, 3, 6, 6)})
+case(aten.convolution.default, "frozen, of a product (a recipe)", lambda x, s, w: F.conv2d(x * s, w), lambda: {"x": _x(2, 3, 6, 6), "s": _x(2, 3, 1, 1), "w": _param(4, 3, 3, 3)})
+case(aten.convolution.default, "trained, of a product (a recipe)", lambda x, s, w: F.conv2d(x * s, w).mean(-1), lambda: {"x": _x(2, 3, 6, 6), "s": _x(2, 3, 1, 1), "w": _param(4, 3, 3, 3, requires_grad=True)})
+case(aten.native_batch_norm.default, "eval, frozen, of a sum (a recipe)", lambda x, y, rm, rv: F.batch_norm(x + y, rm, rv).mean(-1), lambda: {"x": _x(3, 4, 5, 5), "y": _x(3, 4, 5, 5), "rm": torch.zeros(4), "rv": torch.ones(4)})
 case(aten.dropout.default, "of a GELU, consumed by a linear layer", lambda x, w: F.linear(F.dropout(F.gelu(x * 1), 0.3), w).mean(-1), lambda: {"x": _x(3, 4), "w": _param(5, 4, requires_grad=True)})
 
 for training in (False, True):
@@ -402,13 +405,14 @@ def test_the_sources_ship_with_the_package():
 @pytest.mark.parametrize(
     ("activation", "native"),
     [(lambda t: F.relu(t, inplace=True), True), (F.relu, True), (lambda t: F.max_pool2d(t, 2), True),
-     (lambda t: F.dropout(t, 0.3), False)],
-    ids=["relu_", "relu", "max_pool2d", "dropout"],
+     (lambda t: F.conv2d(t, _param(4, 3, 3, 3)), True), (lambda t: F.dropout(t, 0.3), False)],
+    ids=["relu_", "relu", "max_pool2d", "frozen conv2d", "dropout"],
 )
 def test_an_input_with_a_recipe_leaves_calls_that_keep_no_input_compiled(compiled_engine, activation, native):
     """A residual block's ReLU (its input a sum, which has a recipe) runs on the compiled
-    engine: no rebuild can start at a call that keeps no input as it is. Dropout goes to the
-    Python engine, whose encoding of the noise a later rebuild reads."""
+    engine, as does a frozen convolution of it: no rebuild can start at a call that keeps no
+    input as it is. Dropout goes to the Python engine, whose encoding of the noise a later
+    rebuild reads."""
     x, y = _x(2, 3, 4, 4), _x(2, 3, 4, 4)
     with MemSaveMode():
         torch.manual_seed(0)

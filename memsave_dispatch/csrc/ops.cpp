@@ -670,6 +670,32 @@ template <> struct Rule<at::_ops::avg_pool3d> : AvgPoolRule<gen::AvgPool3DBackwa
 template <> struct Rule<at::_ops::_adaptive_avg_pool2d> : AvgPoolRule<gen::AdaptiveAvgPool2DBackward0> {};
 template <> struct Rule<at::_ops::_adaptive_avg_pool3d> : AvgPoolRule<gen::AdaptiveAvgPool3DBackward0> {};
 
+// Whether the rule may keep some tensor input as it is for this call (else no rebuild can start
+// there, whatever produced the inputs): by default yes; a frozen convolution drops its input
+// (and keeps a parameter weight), batch norm without weight gradient in eval mode drops it too.
+template <class Op>
+struct MayKeepAnInput {
+  template <class... A>
+  static bool check(const A&...) {
+    return true;
+  }
+};
+template <>
+struct MayKeepAnInput<at::_ops::convolution> {
+  template <class... R>
+  static bool check(const at::Tensor&, const at::Tensor& weight, const R&...) {
+    return weight.requires_grad() || !is_parameter_instance(weight);
+  }
+};
+template <>
+struct MayKeepAnInput<at::_ops::native_batch_norm> {
+  using OptT = std::optional<at::Tensor>;
+  static bool check(const at::Tensor& input, const OptT& weight, const OptT&, const OptT&, const OptT&, bool training,
+                    double, double) {
+    return batch_norm_needs_input(input, weight, training);
+  }
+};
+
 // -- whether a max pooling's caller keeps the indices ---------------------------------------------------
 // The Python engine asks its TorchFunctionMode which Python function was called. Here: a call
 // made from inside one of the composite max-pooling operators belongs to that operator's caller,
@@ -790,7 +816,8 @@ struct Kernel<Op, Ret(Args...)> {
     const CallSite site{index, &entry, &thread};
     if (!at::GradMode::is_enabled()) return to_stock(site, kGradOff, ks, args...);
     if constexpr (!((kInPlace && !kDropout<Op>) || kKeepsNoInput<Op>)) {
-      if (an_input_is_rebuildable(args...)) return call(next, ks, args...);  // rebuilds: Python only
+      if (MayKeepAnInput<Op>::check(args...) && an_input_is_rebuildable(args...))
+        return call(next, ks, args...);  // rebuilds: Python only
     }
     if constexpr (kWaitsOnInput<Op>) {
       if (std::get<0>(std::forward_as_tuple(args...)).is_view()) return call(next, ks, args...);
