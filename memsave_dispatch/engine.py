@@ -152,11 +152,12 @@ def _stock_kernels_of(op: OpOverload) -> dict:
 def _install_kernel(op: OpOverload) -> Any:
     stocks = _stock_kernels_of(op)
     lib = library()
-    kernel = _make_kernel(op, stocks)
+    composite = has_composite_implicit_kernel(op)
+    kernel = _make_kernel(op, stocks, composite)
     # A composite operator's CompositeImplicitAutograd kernel takes precedence over an
     # Autograd alias registration, so those get per-backend registrations instead (their
     # compiled form is decomposed before it reaches autograd anyway).
-    keys = [key.name for key in DEVICES] if has_composite_implicit_kernel(op) else [_ALIAS]
+    keys = [key.name for key in DEVICES] if composite else [_ALIAS]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
         for key in keys:
@@ -164,10 +165,9 @@ def _install_kernel(op: OpOverload) -> Any:
     return lib
 
 
-def _make_kernel(op: OpOverload, stocks: dict):
+def _make_kernel(op: OpOverload, stocks: dict, composite: bool):
     cpu_stock = stocks.get(_AUTOGRAD_CPU)
     traced_stocks = _traced_stock_kernels[op]
-    composite = has_composite_implicit_kernel(op)
     op_id = id(op)
     scopes = state.scopes
 

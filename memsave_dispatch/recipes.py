@@ -138,6 +138,8 @@ def on_recipes_changed(listener: Callable[[tuple[str, ...]], None]) -> None:
 def _changed() -> None:
     for listener in _LISTENERS:
         listener(recipe_node_types())
+
+
 _NOTES_KEY = "memsave_dispatch.noted"
 MAX_DEPTH = 8  # a recipe re-runs at most this many operators in a chain
 

@@ -5,6 +5,7 @@
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <c10/util/SmallVector.h>
@@ -219,6 +220,92 @@ at::Tensor unpack_bits(const at::Tensor& bits, at::IntArrayRef sizes, at::IntArr
   return restrided(std::move(values), sizes, strides);  // the padding after the last element is not read
 }
 
+// -- selecting by bits ------------------------------------------------------------------------
+namespace {
+// `value` where bit k is set, else +0 (an all-ones or all-zeros mask over its bits).
+template <typename U>
+inline U kept_where(U value, const uint8_t* bits, int64_t k) {
+  return value & (U(0) - U((bits[k >> 3] >> (k & 7)) & 1));
+}
+
+// A run of `n` elements, each stored next to the last, starting at bit k.
+template <typename U>
+void select_run(U* out, const U* grad, const uint8_t* bits, int64_t k, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = kept_where(grad[i], bits, k + i);
+}
+
+#if defined(__x86_64__)
+// The same for 4-byte elements, 8 (one byte of bits) at a time once k is at a byte's start.
+__attribute__((target("avx2"))) void select_run_avx2(uint32_t* out, const uint32_t* grad, const uint8_t* bits,
+                                                      int64_t k, int64_t n) {
+  const int64_t head = std::min(n, (8 - (k & 7)) & 7);
+  select_run(out, grad, bits, k, head);
+  int64_t i = head;
+  const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (; i + 8 <= n; i += 8) {
+    const __m256i byte = _mm256_set1_epi32(bits[(k + i) >> 3]);
+    const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lanes), lanes);
+    const __m256i values = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grad + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_and_si256(values, keep));
+  }
+  select_run(out + i, grad + i, bits, k + i, n - i);
+}
+#endif
+
+// Operands: output, stand-in, grad. The stand-in's element address gives its bit (memory order).
+template <typename U>
+void select_elements(at::TensorIterator& iter, const char* base, const uint8_t* bits) {
+  constexpr int64_t kSize = int64_t(sizeof(U));
+  iter.for_each([&](char** data, const int64_t* strides, int64_t size0, int64_t size1) {
+    for (int64_t j = 0; j < size1; ++j) {
+      char* out = data[0] + j * strides[3];
+      const char* in = data[1] + j * strides[4];
+      const char* grad = data[2] + j * strides[5];
+      if (strides[0] == kSize && strides[1] == kSize && strides[2] == kSize) {
+        const int64_t k = (in - base) / kSize;
+#if defined(__x86_64__)
+        if constexpr (kSize == 4) {
+          if (kAvx2) {
+            select_run_avx2(reinterpret_cast<uint32_t*>(out), reinterpret_cast<const uint32_t*>(grad), bits, k, size0);
+            continue;
+          }
+        }
+#endif
+        select_run(reinterpret_cast<U*>(out), reinterpret_cast<const U*>(grad), bits, k, size0);
+        continue;
+      }
+      for (int64_t i = 0; i < size0; ++i) {
+        U value;
+        std::memcpy(&value, grad + i * strides[2], sizeof(U));
+        value = kept_where(value, bits, (in + i * strides[1] - base) / kSize);
+        std::memcpy(out + i * strides[0], &value, sizeof(U));
+      }
+    }
+  });
+}
+}  // namespace
+
+at::Tensor select_by_bits(const at::Tensor& bits, const at::Tensor& stand_in, const at::Tensor& grad) {
+  at::TensorIteratorConfig config;  // structured threshold_backward's: build_borrowing_binary_op(out, self, grad)
+  config.set_check_mem_overlap(true)
+      .allow_cpu_scalars(true)
+      .promote_inputs_to_common_dtype(true)
+      .cast_common_dtype_to_outputs(true)
+      .enforce_safe_casting_to_output(true)
+      .add_owned_output(at::Tensor())
+      .add_owned_const_input(stand_in)
+      .add_owned_const_input(grad);
+  at::TensorIterator iter = config.build();
+  const char* base = static_cast<const char*>(stand_in.const_data_ptr());
+  const uint8_t* bit_bytes = bits.const_data_ptr<uint8_t>();
+  switch (stand_in.scalar_type()) {
+    case at::kFloat: select_elements<uint32_t>(iter, base, bit_bytes); break;
+    case at::kDouble: select_elements<uint64_t>(iter, base, bit_bytes); break;
+    default: TORCH_INTERNAL_ASSERT(false, "memsave: no selection by bits for ", stand_in.scalar_type());
+  }
+  return iter.output();
+}
+
 // -- pooling windows -------------------------------------------------------------------------
 namespace {
 
@@ -375,11 +462,32 @@ inline int64_t origin_of(const PoolingWindows& w, const MemoryWalk::Coords& coor
   return origin;
 }
 
+// f(e, origin) for the elements e0..e1-1 of a dense tensor in memory order, `origin` the flat
+// index of the first position of element e's window: from the windows' table of one plane where
+// the tensor is row-major (element e sits at position e % plane), else along its memory walk.
+template <class F>
+void for_each_window(const PoolingWindows& windows, const MemoryWalk& walk, bool row_major_layout, int64_t e0,
+                     int64_t e1, F&& f) {
+  if (row_major_layout) {
+    const int64_t plane = int64_t(windows.origins.size());
+    int64_t k = e0 % plane;
+    for (int64_t e = e0; e < e1; ++e) {
+      f(e, windows.origins[k]);
+      if (++k == plane) k = 0;
+    }
+    return;
+  }
+  walk.for_runs(e0, e1, [&](int64_t m, int64_t run, const MemoryWalk::Coords& coords, int inner) {
+    const int64_t base = origin_of(windows, coords, inner);
+    const int64_t* corner = inner >= 0 ? windows.corner[inner].data() + coords[inner] : nullptr;
+    for (int64_t r = 0; r < run; ++r) f(m + r, base + (corner ? corner[r] : 0));
+  });
+}
+
 }  // namespace
 
 std::vector<at::Tensor> encode_offsets(const at::Tensor& indices, const PoolingWindows& windows) {
   TORCH_INTERNAL_ASSERT(indices.scalar_type() == at::kLong && indices.is_non_overlapping_and_dense());
-  const size_t spatial = windows.corner.size();
   const int64_t n = indices.numel();
   const bool two_bits = windows.two_bits();
   const int64_t per_task_unit = two_bits ? 8 : 1;  // a task owns whole bytes of the bit planes
@@ -389,55 +497,29 @@ std::vector<at::Tensor> encode_offsets(const at::Tensor& indices, const PoolingW
   uint8_t* low_bits = low_plane.data_ptr<uint8_t>();
   uint8_t* high_bits = two_bits ? high_plane.data_ptr<uint8_t>() : nullptr;
   const int64_t* src = indices.const_data_ptr<int64_t>();
-  const MemoryWalk walk(indices.sizes(), indices.strides(), spatial);
+  const MemoryWalk walk(indices.sizes(), indices.strides(), windows.corner.size());
+  const bool planar = row_major(indices.sizes(), indices.strides());
   const uint8_t* offset_of = windows.offset_of.data();
   const uint64_t range = windows.offset_of.size();
   std::atomic<bool> outside{false};
-  // In a contiguous tensor, element e sits at position e % plane of its plane: its window's
-  // origin comes from the windows' table, no walk needed.
-  const bool planar = row_major(indices.sizes(), indices.strides());
-  const int64_t plane = int64_t(windows.origins.size());
-  const int64_t* origins = windows.origins.data();
   at::parallel_for(0, units, two_bits ? kGrain / 8 : kGrain, [&](int64_t u0, int64_t u1) {
     bool bad = false;
-    const int64_t e0 = u0 * per_task_unit, e1 = std::min(n, u1 * per_task_unit);
     if (two_bits) {
       std::fill(low_bits + u0, low_bits + u1, 0);
       std::fill(high_bits + u0, high_bits + u1, 0);
     }
-    if (planar) {
-      int64_t k = e0 % plane;
-      for (int64_t e = e0; e < e1; ++e) {
-        const uint64_t step = uint64_t(src[e] - origins[k] - windows.low);  // negative: huge
-        const uint8_t offset = step < range ? offset_of[step] : 255;
-        bad |= offset == 255;
-        if (!two_bits) {
-          low_bits[e] = offset;
-        } else {
-          low_bits[e >> 3] |= uint8_t((offset & 1) << (e & 7));
-          high_bits[e >> 3] |= uint8_t(((offset >> 1) & 1) << (e & 7));
-        }
-        if (++k == plane) k = 0;
-      }
-      if (bad) outside.store(true, std::memory_order_relaxed);
-      return;
-    }
-    walk.for_runs(e0, e1, [&](int64_t m, int64_t run, const MemoryWalk::Coords& coords, int inner) {
-      const int64_t base = origin_of(windows, coords, inner) + windows.low;
-      const int64_t* corner = inner >= 0 ? windows.corner[inner].data() + coords[inner] : nullptr;
-      for (int64_t r = 0; r < run; ++r) {
-        const uint64_t step = uint64_t(src[m + r] - base - (corner ? corner[r] : 0));  // negative: huge
-        const uint8_t offset = step < range ? offset_of[step] : 255;
-        bad |= offset == 255;
-        if (!two_bits) {
-          low_bits[m + r] = offset;
-        } else {
-          const int64_t e = m + r;
-          low_bits[e >> 3] |= uint8_t((offset & 1) << (e & 7));
-          high_bits[e >> 3] |= uint8_t(((offset >> 1) & 1) << (e & 7));
-        }
-      }
-    });
+    for_each_window(windows, walk, planar, u0 * per_task_unit, std::min(n, u1 * per_task_unit),
+                    [&](int64_t e, int64_t origin) {
+                      const uint64_t step = uint64_t(src[e] - origin - windows.low);  // negative: huge
+                      const uint8_t offset = step < range ? offset_of[step] : 255;
+                      bad |= offset == 255;
+                      if (!two_bits) {
+                        low_bits[e] = offset;
+                      } else {
+                        low_bits[e >> 3] |= uint8_t((offset & 1) << (e & 7));
+                        high_bits[e >> 3] |= uint8_t(((offset >> 1) & 1) << (e & 7));
+                      }
+                    });
     if (bad) outside.store(true, std::memory_order_relaxed);
   });
   if (outside.load()) return {};
@@ -451,7 +533,6 @@ at::Tensor decode_offsets(const std::vector<at::Tensor>& kept, const PoolingWind
   for (int64_t size : sizes) n *= size;
   at::Tensor out(at::detail::empty_cpu({n}, at::TensorOptions().dtype(at::kLong)));
   if (n == 0) return restrided(std::move(out), sizes, strides);
-  // the window position of element e: its byte, or its bits in the two planes
   const bool two_bits = windows.two_bits();
   const uint8_t* low = kept[0].const_data_ptr<uint8_t>();
   const uint8_t* high = two_bits ? kept[1].const_data_ptr<uint8_t>() : nullptr;
@@ -459,26 +540,11 @@ at::Tensor decode_offsets(const std::vector<at::Tensor>& kept, const PoolingWind
   const int64_t* deltas = windows.deltas.data();
   const MemoryWalk walk(sizes, strides, windows.corner.size());
   const bool planar = row_major(sizes, strides);
-  const int64_t plane = int64_t(windows.origins.size());
-  const int64_t* origins = windows.origins.data();
   at::parallel_for(0, n, kGrain, [&](int64_t e0, int64_t e1) {
-    if (planar) {  // as in encode_offsets
-      int64_t k = e0 % plane;
-      for (int64_t e = e0; e < e1; ++e) {
-        const int position = two_bits ? ((low[e >> 3] >> (e & 7)) & 1) | (((high[e >> 3] >> (e & 7)) & 1) << 1) : low[e];
-        dst[e] = origins[k] + deltas[position];
-        if (++k == plane) k = 0;
-      }
-      return;
-    }
-    walk.for_runs(e0, e1, [&](int64_t m, int64_t run, const MemoryWalk::Coords& coords, int inner) {
-      const int64_t base = origin_of(windows, coords, inner);
-      const int64_t* corner = inner >= 0 ? windows.corner[inner].data() + coords[inner] : nullptr;
-      for (int64_t r = 0; r < run; ++r) {
-        const int64_t e = m + r;
-        const int position = two_bits ? ((low[e >> 3] >> (e & 7)) & 1) | (((high[e >> 3] >> (e & 7)) & 1) << 1) : low[e];
-        dst[e] = base + (corner ? corner[r] : 0) + deltas[position];
-      }
+    for_each_window(windows, walk, planar, e0, e1, [&](int64_t e, int64_t origin) {
+      // the window position of element e: its byte, or its bits in the two planes
+      const int position = two_bits ? ((low[e >> 3] >> (e & 7)) & 1) | (((high[e >> 3] >> (e & 7)) & 1) << 1) : low[e];
+      dst[e] = origin + deltas[position];
     });
   });
   return restrided(std::move(out), sizes, strides);

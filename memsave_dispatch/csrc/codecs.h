@@ -26,6 +26,12 @@ at::Tensor pack_bits(const at::Tensor& dense, Predicate predicate);
 at::Tensor unpack_bits(const at::Tensor& bits, at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarType dtype,
                        double low, double high);
 
+// threshold_backward(grad, y, 0) from y's bits (pack_bits(y, NonZero)): grad where y's element
+// has its bit set, +0 elsewhere. `stand_in` has y's sizes, strides and dtype (float or double; its
+// values are not read); the output is laid out as stock's kernel lays it out, by the same
+// TensorIterator configuration over (stand_in, grad).
+at::Tensor select_by_bits(const at::Tensor& bits, const at::Tensor& stand_in, const at::Tensor& grad);
+
 // Max pooling's windows over the last `dims` dimensions of one input plane (codecs.PoolingWindows).
 struct PoolingWindows {
   std::vector<std::vector<int64_t>> corner;  // per spatial dim, per output position: its flat-index contribution

@@ -88,6 +88,9 @@ struct ThreadState {
   int8_t outputs_held = -1;  // -1: no compiled max-pool call running; else whether its caller keeps the outputs
 };
 
+// Calls straight to the CPU kernels: no autograd, no Python modes, whatever this thread's state.
+inline const c10::DispatchKeySet kCpuOnly(c10::DispatchKey::CPU);
+
 // Whether any mode is active in this thread: the only thing a kernel reads outside a mode.
 extern thread_local bool tls_active __attribute__((tls_model("initial-exec")));
 // This thread's state (initial-exec TLS: one load, no __tls_get_addr call).

@@ -283,7 +283,6 @@ int64_t Encoded::nbytes() const {
 }
 
 namespace {
-const c10::DispatchKeySet kCpuOnly(c10::DispatchKey::CPU);
 
 bool has_size_one(const at::Tensor& tensor) {
   for (int64_t size : tensor.sizes())

@@ -12,7 +12,6 @@
 #include "saving.h"
 
 #include <ATen/SavedTensorHooks.h>
-#include <ATen/TensorIterator.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/generated/Functions.h>
@@ -20,10 +19,6 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <cstring>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 #include <map>
 #include <string>
 #include <tuple>
@@ -68,8 +63,9 @@ struct KernelOfSafe {
 };
 template struct Expose<KernelOfSafe, &c10::SafeKernelFunction::kernel_>;
 
-const c10::KernelFunction* computed_kernel(const c10::OperatorHandle& handle) {
-  c10::SafeKernelFunction safe = handle.getComputedKernelForDispatchKey(c10::DispatchKey::AutogradCPU);
+const c10::KernelFunction* computed_kernel(const c10::OperatorHandle& handle,
+                                          c10::DispatchKey key = c10::DispatchKey::AutogradCPU) {
+  c10::SafeKernelFunction safe = handle.getComputedKernelForDispatchKey(key);
   return new c10::KernelFunction(safe.*get(KernelOfSafe()));  // kept for the process: kernels may still run it
 }
 
@@ -108,30 +104,36 @@ bool plain_eager(c10::DispatchKeySet ks) {
 // Node types with a recipe (recipes.has_recipe). Old sets are never freed: readers hold no lock.
 std::atomic<const std::unordered_set<std::string>*> recipe_nodes{new std::unordered_set<std::string>()};
 
+// f(tensor) for every defined tensor argument, optional ones unwrapped.
+template <class F, class... Args>
+void for_each_tensor(F&& f, const Args&... args) {
+  auto visit = [&](const auto& arg) {
+    using A = std::decay_t<decltype(arg)>;
+    if constexpr (std::is_same_v<A, at::Tensor>) {
+      if (arg.defined()) f(arg);
+    } else if constexpr (std::is_same_v<A, std::optional<at::Tensor>>) {
+      if (arg && arg->defined()) f(*arg);
+    }
+  };
+  (visit(args), ...);
+}
+
 // Whether a tensor input that requires grad was produced (through its base, for a view) by a
 // node with a recipe: the Python engine then handles the call (engine._an_input_is_rebuildable
 // and slots' rebuild decisions), even where this rule would find nothing to save.
-struct RebuildableCheck {
-  const std::unordered_set<std::string>* names;
-  bool found = false;
-  void operator()(const at::Tensor& t) {
-    if (found || !t.defined() || !t.requires_grad()) return;
-    const auto& node = t.is_view() ? t._base().grad_fn() : t.grad_fn();
-    if (node && names->count(node->name())) found = true;
-  }
-  void operator()(const std::optional<at::Tensor>& t) {
-    if (t) (*this)(*t);
-  }
-  template <class T>
-  void operator()(const T&) {}
-};
-
 template <class... Args>
 bool an_input_is_rebuildable(const Args&... args) {
-  RebuildableCheck check{recipe_nodes.load(std::memory_order_acquire)};
-  if (check.names->empty()) return false;
-  (check(args), ...);
-  return check.found;
+  const std::unordered_set<std::string>* names = recipe_nodes.load(std::memory_order_acquire);
+  if (names->empty()) return false;
+  bool found = false;
+  for_each_tensor(
+      [&](const at::Tensor& t) {
+        if (found || !t.requires_grad()) return;
+        const auto& node = t.is_view() ? t._base().grad_fn() : t.grad_fn();
+        if (node && names->count(node->name())) found = true;
+      },
+      args...);
+  return found;
 }
 
 // A backward pass runs in this thread (engine._route: the Python engine leaves such calls to
@@ -141,40 +143,38 @@ bool backward_running() {
 }
 
 // Whether stock handed an input back (engine._run_policy): an output that is an input.
-struct HandedBack {
-  const Outputs* outputs;
+template <class... Args>
+bool handed_back(const Outputs& outputs, const Args&... args) {
   bool found = false;
-  void operator()(const at::Tensor& t) {
-    if (found || !t.defined()) return;
-    for (const at::Tensor& output : *outputs) {
-      if (output.defined() && output.unsafeGetTensorImpl() == t.unsafeGetTensorImpl()) found = true;
-    }
-  }
-  void operator()(const std::optional<at::Tensor>& t) {
-    if (t) (*this)(*t);
-  }
-  template <class T>
-  void operator()(const T&) {}
-};
+  for_each_tensor(
+      [&](const at::Tensor& t) {
+        for (const at::Tensor& output : outputs)
+          found |= output.defined() && output.unsafeGetTensorImpl() == t.unsafeGetTensorImpl();
+      },
+      args...);
+  return found;
+}
 
 // engine._reason_for_stock's look at the tensors: anything unusual goes to the Python engine,
 // which names it; otherwise, whether any requires grad.
 struct TensorCheck {
   bool unusual = false, needs_grad = false;
-  void operator()(const at::Tensor& t) {
-    if (!t.defined()) return;
-    const at::ScalarType dtype = t.scalar_type();
-    if (t.layout() != at::kStrided || at::isComplexType(dtype) || at::isQIntType(dtype) || !is_plain_tensor_object(t))
-      unusual = true;
-    else if (t.requires_grad())
-      needs_grad = true;
-  }
-  void operator()(const std::optional<at::Tensor>& t) {
-    if (t) (*this)(*t);
-  }
-  template <class T>
-  void operator()(const T&) {}
 };
+
+template <class... Args>
+TensorCheck check_tensors(const Args&... args) {
+  TensorCheck check;
+  for_each_tensor(
+      [&](const at::Tensor& t) {
+        const at::ScalarType dtype = t.scalar_type();
+        if (t.layout() != at::kStrided || at::isComplexType(dtype) || at::isQIntType(dtype) || !is_plain_tensor_object(t))
+          check.unusual = true;
+        else if (t.requires_grad())
+          check.needs_grad = true;
+      },
+      args...);
+  return check;
+}
 
 template <class R>
 Outputs outputs_of(const R& result) {
@@ -216,8 +216,6 @@ const auto kReluMask = [] {
 }();
 const auto kPositiveMask = mask_codec(Predicate::Positive, Codec::Layout::Iterator, 0.0, 1.0);
 const auto kBoolMask = mask_codec(Predicate::Bool, Codec::Layout::Preserved, 0.0, 1.0);
-
-const c10::DispatchKeySet kCpuOnly(c10::DispatchKey::CPU);
 
 template <class Key, class Make>
 std::shared_ptr<const Codec> cached(std::map<Key, std::shared_ptr<const Codec>>& cache, std::mutex& mutex,
@@ -824,8 +822,7 @@ struct Kernel<Op, Ret(Args...)> {
     }
     if (!Rule<Op>::can_save(args...)) return to_stock(site, kNothingToSave, ks, args...);
     if (!entry.cpu) return to_stock(site, kCpuNotEnabled, ks, args...);
-    TensorCheck check;
-    (check(args), ...);
+    const TensorCheck check = check_tensors(args...);
     if (check.unusual) return call(next, ks, args...);
     if (!check.needs_grad) return to_stock(site, kNoInputRequiresGrad, ks, args...);
     if constexpr (kInPlace) {
@@ -846,9 +843,7 @@ struct Kernel<Op, Ret(Args...)> {
         return result;
       }
     } else {
-      HandedBack back{&outputs};
-      (back(args), ...);
-      if (back.found) {  // stock handed an input back: the node is not this call's to change
+      if (handed_back(outputs, args...)) {  // stock handed an input back: the node is not this call's to change
         site.to_stock(kInputHandedBack);
         return result;
       }
@@ -879,6 +874,12 @@ struct Kernel<Op, Ret(Args...)> {
 const c10::OperatorHandle* threshold_backward_handle = nullptr;
 const c10::KernelFunction* threshold_backward_stock = nullptr;
 
+at::Tensor stock_threshold_backward(c10::DispatchKeySet ks, const at::Tensor& grad, const at::Tensor& self,
+                                    const at::Scalar& threshold) {
+  return threshold_backward_stock->call<at::Tensor, const at::Tensor&, const at::Tensor&, const at::Scalar&>(
+      *threshold_backward_handle, ks, grad, self, threshold);
+}
+
 bool reads_mask_in_place(const at::Tensor& grad, const at::Tensor& self, const at::Scalar& threshold) {
   const at::ScalarType dtype = self.scalar_type();
   return threshold.toDouble() == 0.0 && (dtype == at::kFloat || dtype == at::kDouble) && grad.defined() &&
@@ -886,98 +887,15 @@ bool reads_mask_in_place(const at::Tensor& grad, const at::Tensor& self, const a
          grad.sizes().equals(self.sizes()) && (grad.key_set() & kNotEager).empty() && !grad.is_conj() && !grad.is_neg();
 }
 
-// A run of `n` elements, each stored next to the last, starting at mask element k.
-template <typename U>
-void select_run(U* out, const U* grad, const uint8_t* bits, int64_t k, int64_t n) {
-  for (int64_t i = 0; i < n; ++i, ++k) out[i] = grad[i] & (U(0) - U((bits[k >> 3] >> (k & 7)) & 1));
-}
-
-#if defined(__x86_64__)
-const bool kHasAvx2 = __builtin_cpu_supports("avx2");
-
-// The same for 4-byte elements, 8 (one mask byte) at a time once k is at a byte's start.
-__attribute__((target("avx2"))) void select_run_avx2(uint32_t* out, const uint32_t* grad, const uint8_t* bits,
-                                                      int64_t k, int64_t n) {
-  int64_t i = 0;
-  const int64_t head = std::min(n, (8 - (k & 7)) & 7);
-  select_run(out, grad, bits, k, head);
-  i += head;
-  const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  for (; i + 8 <= n; i += 8) {
-    const __m256i byte = _mm256_set1_epi32(bits[(k + i) >> 3]);
-    const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lanes), lanes);
-    const __m256i values = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grad + i));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_and_si256(values, keep));
-  }
-  select_run(out + i, grad + i, bits, k + i, n - i);
-}
-#endif
-
-template <typename T, typename U>
-void select_by_bits(at::TensorIterator& iter, const char* base, const uint8_t* bits) {
-  iter.for_each([&](char** data, const int64_t* strides, int64_t size0, int64_t size1) {
-    for (int64_t j = 0; j < size1; ++j) {
-      char* out = data[0] + j * strides[3];
-      const char* in = data[1] + j * strides[4];
-      const char* grad = data[2] + j * strides[5];
-      constexpr int64_t kSize = int64_t(sizeof(T));
-      if (strides[0] == kSize && strides[1] == kSize && strides[2] == kSize) {
-        const int64_t k = (in - base) / kSize;
-#if defined(__x86_64__)
-        if constexpr (sizeof(U) == 4) {
-          if (kHasAvx2) {
-            select_run_avx2(reinterpret_cast<uint32_t*>(out), reinterpret_cast<const uint32_t*>(grad), bits, k, size0);
-            continue;
-          }
-        }
-#endif
-        select_run(reinterpret_cast<U*>(out), reinterpret_cast<const U*>(grad), bits, k, size0);
-        continue;
-      }
-      for (int64_t i = 0; i < size0; ++i) {
-        const int64_t k = (in + i * strides[1] - base) / int64_t(sizeof(T));
-        const U keep = U(0) - U((bits[k >> 3] >> (k & 7)) & 1);  // all ones or all zeros: grad's bits or +0
-        U value;
-        std::memcpy(&value, grad + i * strides[2], sizeof(U));
-        value &= keep;
-        std::memcpy(out + i * strides[0], &value, sizeof(U));
-      }
-    }
-  });
-}
-
-at::Tensor threshold_backward_from_mask(const at::Tensor& grad, const at::Tensor& self, const MaskOnGhost& mask) {
-  at::TensorIteratorConfig config;
-  config.set_check_mem_overlap(true)
-      .allow_cpu_scalars(true)
-      .promote_inputs_to_common_dtype(true)
-      .cast_common_dtype_to_outputs(true)
-      .enforce_safe_casting_to_output(true)
-      .add_owned_output(at::Tensor())
-      .add_owned_const_input(self)
-      .add_owned_const_input(grad);
-  at::TensorIterator iter = config.build();
-  const char* base = static_cast<const char*>(self.const_data_ptr());
-  const uint8_t* bits = mask.encoded.kept[0].const_data_ptr<uint8_t>();
-  if (self.scalar_type() == at::kFloat) {
-    select_by_bits<float, uint32_t>(iter, base, bits);
-  } else {
-    select_by_bits<double, uint64_t>(iter, base, bits);
-  }
-  return iter.output();
-}
-
 at::Tensor threshold_backward_cpu(c10::DispatchKeySet ks, const at::Tensor& grad, const at::Tensor& self,
                                   const at::Scalar& threshold) {
   if (C10_UNLIKELY(self.unsafeGetTensorImpl()->get_backend_meta() != nullptr)) {
     if (const MaskOnGhost* mask = mask_on(self)) {
-      if (reads_mask_in_place(grad, self, threshold)) return threshold_backward_from_mask(grad, self, *mask);
-      return threshold_backward_stock->call<at::Tensor, const at::Tensor&, const at::Tensor&, const at::Scalar&>(
-          *threshold_backward_handle, ks, grad, mask->decode(), threshold);
+      if (reads_mask_in_place(grad, self, threshold)) return select_by_bits(mask->encoded.kept[0], self, grad);
+      return stock_threshold_backward(ks, grad, mask->decode(), threshold);
     }
   }
-  return threshold_backward_stock->call<at::Tensor, const at::Tensor&, const at::Tensor&, const at::Scalar&>(
-      *threshold_backward_handle, ks, grad, self, threshold);
+  return stock_threshold_backward(ks, grad, self, threshold);
 }
 
 std::unique_ptr<torch::Library> cpu_library;
@@ -987,8 +905,7 @@ void install_threshold_backward() {
   if (!threshold_backward_stock) {
     auto op = c10::Dispatcher::singleton().findSchemaOrThrow("aten::threshold_backward", "");
     threshold_backward_handle = new c10::OperatorHandle(op);
-    c10::SafeKernelFunction safe = op.getComputedKernelForDispatchKey(c10::DispatchKey::CPU);
-    threshold_backward_stock = new c10::KernelFunction(safe.*get(KernelOfSafe()));
+    threshold_backward_stock = computed_kernel(op, c10::DispatchKey::CPU);
   }
   cpu_library = std::make_unique<torch::Library>(torch::Library::IMPL, "aten", c10::DispatchKey::CPU, __FILE__, __LINE__);
   cpu_library->impl("threshold_backward", torch::CppFunction::makeFromUnboxedFunction(&threshold_backward_cpu));
