@@ -37,6 +37,10 @@ OLDEST_TORCH = "2.13"
 SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))
 _HEADERS = tuple(sorted((Path(__file__).parent / "csrc").glob("*.h")))
 _FLAGS = ("-O3",)
+#: ATen's parallel_for is a header template: its tasks run on torch's OpenMP threads only where
+#: the extension is compiled with OpenMP as torch is (else serially). The library this links is
+#: the one torch has loaded already (same soname).
+_OPENMP_FLAGS = ("-fopenmp",) if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else ()
 
 
 def requested_engine() -> str:
@@ -100,7 +104,7 @@ def _digest() -> str:
     digest = hashlib.sha256()
     for path in (*SOURCES, *_HEADERS):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    digest.update(" ".join(_FLAGS).encode())
+    digest.update(" ".join(_FLAGS + _OPENMP_FLAGS).encode())
     return digest.hexdigest()
 
 
@@ -122,7 +126,8 @@ def _build_and_import() -> ModuleType:
             module = cpp_extension.load(
                 name=_NAME,
                 sources=[str(path) for path in SOURCES],
-                extra_cflags=list(_FLAGS),
+                extra_cflags=[*_FLAGS, *_OPENMP_FLAGS],
+                extra_ldflags=list(_OPENMP_FLAGS),
                 build_directory=str(directory),
                 is_python_module=True,
                 verbose=False,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memsave_dispatch import MemSaveMode, compiled, saved_tensor_bytes
+from memsave_dispatch import MemSaveMode, compiled, extension, saved_tensor_bytes
 from memsave_dispatch._compat import node_sequence_nr, read_saved_slot, saved_slot, saved_slot_names
 from memsave_dispatch.meter import allocator_bytes
 from memsave_dispatch.holders import NativeSlot, describe_holder, holder_of
@@ -196,6 +196,11 @@ for return_indices in (False, True):
     case(aten.adaptive_max_pool3d.default, f"adaptive 3-d, {tag}", lambda x, r=return_indices: F.adaptive_max_pool3d(x, 2, return_indices=r), lambda: {"x": _x(1, 2, 5, 4, 5)})
 case(aten.max_pool2d_with_indices.default, "called as an aten operator", lambda x: aten.max_pool2d_with_indices.default(x, [2, 2])[0], lambda: {"x": _x(2, 3, 6, 6)})
 case(aten.max_pool2d_with_indices.default, "a window too big for offsets", lambda x: F.max_pool2d(x, 16, 1), lambda: {"x": _x(1, 2, 17, 17)})
+# More outputs than one parallel task encodes (a task starts inside a plane, and mid-byte of
+# none): row-major, channels_last, two-bit and byte offsets.
+case(aten.max_pool2d_with_indices.default, "2x2 over tasks", lambda x: F.max_pool2d(x, 2), lambda: {"x": _x(2, 17, 70, 70)})
+case(aten.max_pool2d_with_indices.default, "3x3 s2 over tasks, channels_last", lambda x: F.max_pool2d(x, 3, 2, 1), lambda: {"x": _x(2, 17, 139, 139, channels_last=True)})
+case(aten.max_pool2d_with_indices.default, "3x3 s1 over tasks", lambda x: F.max_pool2d(x, 3, 1), lambda: {"x": _x(1, 9, 63, 63)})
 case(aten.avg_pool2d.default, "avg 2-d", lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True), lambda: {"x": _x(2, 3, 7, 7, channels_last=True)})
 case(aten.avg_pool3d.default, "avg 3-d", lambda x: F.avg_pool3d(x, 2), lambda: {"x": _x(1, 2, 4, 4, 4)})
 case(aten._adaptive_avg_pool2d.default, "adaptive avg 2-d", lambda x: F.adaptive_avg_pool2d(x, 2), lambda: {"x": _x(2, 3, 5, 5)})
@@ -293,6 +298,24 @@ def test_both_engines_peak_alike(name, monkeypatch):
         assert peaks["compiled"] < peaks["python"]
     else:
         assert peaks["compiled"] == peaks["python"]
+
+
+def test_encodings_run_on_torchs_threads():
+    """ATen's parallel_for is a header template: an extension not compiled with torch's OpenMP
+    runs every encoding in one thread, whatever torch.set_num_threads says."""
+    why = compiled_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    if not torch.backends.openmp.is_available() or not sys.platform.startswith("linux"):
+        pytest.skip("the extension is compiled with OpenMP on Linux, where torch is")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert extension.load().encoding_threads() == 2
+        torch.set_num_threads(1)
+        assert extension.load().encoding_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 # -- what only the compiled engine does ------------------------------------------------------

@@ -11,6 +11,7 @@
 #include <c10/util/SmallVector.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <map>
@@ -306,6 +307,15 @@ at::Tensor select_by_bits(const at::Tensor& bits, const at::Tensor& stand_in, co
   return iter.output();
 }
 
+int encoding_threads() {
+  const int64_t tasks = std::max(1, at::get_num_threads());
+  std::vector<std::atomic<bool>> ran(size_t(tasks) + 1);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { ran[std::min<size_t>(at::get_thread_num(), tasks)] = true; });
+  int threads = 0;
+  for (const auto& flag : ran) threads += flag.load();
+  return threads;
+}
+
 // -- pooling windows -------------------------------------------------------------------------
 namespace {
 
@@ -322,7 +332,8 @@ std::vector<int64_t> plane_strides(at::IntArrayRef sizes) {
 std::shared_ptr<PoolingWindows> finish(std::shared_ptr<PoolingWindows> windows) {
   const auto [low, high] = std::minmax_element(windows->deltas.begin(), windows->deltas.end());
   windows->low = *low;
-  windows->offset_of.assign(*high - *low + 1, 255);
+  windows->beyond = *high - *low + 1;  // the entry of every step out of range
+  windows->offset_of.assign(windows->beyond + 4, 255);  // (3 more: a 4-byte gather may read them)
   for (size_t k = 0; k < windows->deltas.size(); ++k) windows->offset_of[windows->deltas[k] - *low] = uint8_t(k);
   windows->origins = {0};
   for (const auto& corner : windows->corner) {
@@ -463,24 +474,121 @@ inline int64_t origin_of(const PoolingWindows& w, const MemoryWalk::Coords& coor
 }
 
 // f(e, origin) for the elements e0..e1-1 of a dense tensor in memory order, `origin` the flat
-// index of the first position of element e's window: from the windows' table of one plane where
-// the tensor is row-major (element e sits at position e % plane), else along its memory walk.
+// index of the first position of element e's window, along the tensor's memory walk.
 template <class F>
-void for_each_window(const PoolingWindows& windows, const MemoryWalk& walk, bool row_major_layout, int64_t e0,
-                     int64_t e1, F&& f) {
-  if (row_major_layout) {
-    const int64_t plane = int64_t(windows.origins.size());
-    int64_t k = e0 % plane;
-    for (int64_t e = e0; e < e1; ++e) {
-      f(e, windows.origins[k]);
-      if (++k == plane) k = 0;
-    }
-    return;
-  }
+void for_each_window(const PoolingWindows& windows, const MemoryWalk& walk, int64_t e0, int64_t e1, F&& f) {
   walk.for_runs(e0, e1, [&](int64_t m, int64_t run, const MemoryWalk::Coords& coords, int inner) {
     const int64_t base = origin_of(windows, coords, inner);
     const int64_t* corner = inner >= 0 ? windows.corner[inner].data() + coords[inner] : nullptr;
     for (int64_t r = 0; r < run; ++r) f(m + r, base + (corner ? corner[r] : 0));
+  });
+}
+
+// Where the tensor is row-major, the window of element e is the plane's table entry
+// e % plane (windows.origins): a task goes through its elements in blocks, a plane at a time
+// (no memory walk, no division), with one byte of window position per element in a buffer
+// that the bit planes are packed from, or unpacked into.
+constexpr int64_t kBlock = 4096;  // elements: a multiple of 8 (whole bytes of the bit planes)
+
+// f(e, k, run): elements e .. e+run-1 sit at plane positions k .. k+run-1.
+template <class F>
+void for_plane_runs(int64_t e0, int64_t e1, int64_t plane, F&& f) {
+  int64_t k = e0 % plane;
+  for (int64_t e = e0; e < e1; k = 0) {
+    const int64_t run = std::min(plane - k, e1 - e);
+    f(e, k, run);
+    e += run;
+  }
+}
+
+constexpr uint64_t kLowBitOfEachByte = 0x0101010101010101ULL;
+
+// Bit 0 of each of eight bytes, byte j to bit j.
+inline uint8_t gather_bits(uint64_t bytes) {
+  return uint8_t(((bytes & kLowBitOfEachByte) * 0x0102040810204080ULL) >> 56);
+}
+
+// Bit j of a byte to byte j (0 or 1), for every byte value.
+const std::array<uint64_t, 256> kSpreadBits = [] {
+  std::array<uint64_t, 256> table{};
+  for (int value = 0; value < 256; ++value)
+    for (int j = 0; j < 8; ++j) table[value] |= uint64_t((value >> j) & 1) << (8 * j);
+  return table;
+}();
+
+// One run of row-major elements whose windows start at origin[0..n-1]: their window
+// positions (255: outside it), and back from positions to indices.
+inline void positions_run(const int64_t* index, const int64_t* origin, int64_t low, const uint8_t* offset_of,
+                          uint64_t beyond, uint8_t* position, int64_t r, int64_t n) {
+  for (; r < n; ++r) position[r] = offset_of[std::min(uint64_t(index[r] - origin[r] - low), beyond)];  // negative: huge
+}
+
+inline void indices_run(const uint8_t* position, const int64_t* origin, const int64_t* deltas, int64_t* index,
+                        int64_t r, int64_t n) {
+  for (; r < n; ++r) index[r] = origin[r] + deltas[position[r]];
+}
+
+#if defined(__x86_64__)
+// Four elements at a time: the table read by a gather (4 bytes from each entry: offset_of is
+// padded), its first byte kept.
+__attribute__((target("avx2"))) int64_t positions_run_avx2(const int64_t* index, const int64_t* origin, int64_t low,
+                                                           const uint8_t* offset_of, int64_t beyond,
+                                                           uint8_t* position, int64_t n) {
+  const __m256i low_v = _mm256_set1_epi64x(low), beyond_v = _mm256_set1_epi64x(beyond), zero = _mm256_setzero_si256();
+  const __m128i first_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  int64_t r = 0;
+  for (; r + 4 <= n; r += 4) {
+    const __m256i at = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(index + r));
+    const __m256i start = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(origin + r));
+    __m256i step = _mm256_sub_epi64(_mm256_sub_epi64(at, start), low_v);
+    const __m256i outside = _mm256_or_si256(_mm256_cmpgt_epi64(zero, step), _mm256_cmpgt_epi64(step, beyond_v));
+    step = _mm256_blendv_epi8(step, beyond_v, outside);
+    const __m128i entries = _mm256_i64gather_epi32(reinterpret_cast<const int*>(offset_of), step, 1);
+    const uint32_t four = uint32_t(_mm_cvtsi128_si32(_mm_shuffle_epi8(entries, first_bytes)));
+    std::memcpy(position + r, &four, 4);
+  }
+  return r;
+}
+
+__attribute__((target("avx2"))) int64_t indices_run_avx2(const uint8_t* position, const int64_t* origin,
+                                                         const int64_t* deltas, int64_t* index, int64_t n) {
+  int64_t r = 0;
+  for (; r + 4 <= n; r += 4) {
+    uint32_t four;
+    std::memcpy(&four, position + r, 4);
+    const __m256i slot = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(int(four)));
+    const __m256i delta = _mm256_i64gather_epi64(reinterpret_cast<const long long*>(deltas), slot, 8);
+    const __m256i start = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(origin + r));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(index + r), _mm256_add_epi64(start, delta));
+  }
+  return r;
+}
+#endif
+
+// Window positions of row-major elements e0..e1-1 into `out` (255: outside the window).
+void positions_of(const int64_t* indices, const PoolingWindows& windows, int64_t e0, int64_t e1, uint8_t* out) {
+  const int64_t* origins = windows.origins.data();
+  const uint8_t* offset_of = windows.offset_of.data();
+  for_plane_runs(e0, e1, int64_t(windows.origins.size()), [&](int64_t e, int64_t k, int64_t run) {
+    int64_t r = 0;
+#if defined(__x86_64__)
+    if (kAvx2) r = positions_run_avx2(indices + e, origins + k, windows.low, offset_of, windows.beyond, out + (e - e0), run);
+#endif
+    positions_run(indices + e, origins + k, windows.low, offset_of, uint64_t(windows.beyond), out + (e - e0), r, run);
+  });
+}
+
+// Indices of row-major elements e0..e1-1 from their window positions.
+void indices_of(const uint8_t* positions, const PoolingWindows& windows, int64_t e0, int64_t e1, int64_t* out) {
+  const int64_t* origins = windows.origins.data();
+  const int64_t* deltas = windows.deltas.data();
+  for_plane_runs(e0, e1, int64_t(windows.origins.size()), [&](int64_t e, int64_t k, int64_t run) {
+    const uint8_t* position = positions + (e - e0);
+    int64_t r = 0;
+#if defined(__x86_64__)
+    if (kAvx2) r = indices_run_avx2(position, origins + k, deltas, out + e, run);
+#endif
+    indices_run(position, origins + k, deltas, out + e, r, run);
   });
 }
 
@@ -497,29 +605,49 @@ std::vector<at::Tensor> encode_offsets(const at::Tensor& indices, const PoolingW
   uint8_t* low_bits = low_plane.data_ptr<uint8_t>();
   uint8_t* high_bits = two_bits ? high_plane.data_ptr<uint8_t>() : nullptr;
   const int64_t* src = indices.const_data_ptr<int64_t>();
-  const MemoryWalk walk(indices.sizes(), indices.strides(), windows.corner.size());
   const bool planar = row_major(indices.sizes(), indices.strides());
-  const uint8_t* offset_of = windows.offset_of.data();
-  const uint64_t range = windows.offset_of.size();
   std::atomic<bool> outside{false};
   at::parallel_for(0, units, two_bits ? kGrain / 8 : kGrain, [&](int64_t u0, int64_t u1) {
-    bool bad = false;
+    const int64_t e0 = u0 * per_task_unit, e1 = std::min(n, u1 * per_task_unit);
+    if (planar) {
+      uint8_t buffer[kBlock + 8];
+      for (int64_t b0 = e0; b0 < e1; b0 += kBlock) {
+        const int64_t b1 = std::min(e1, b0 + kBlock), count = b1 - b0;
+        uint8_t* positions = two_bits ? buffer : low_bits + b0;
+        positions_of(src, windows, b0, b1, positions);
+        if (std::memchr(positions, 255, count)) {
+          outside.store(true, std::memory_order_relaxed);
+          return;
+        }
+        if (!two_bits) continue;
+        std::memset(buffer + count, 0, 8);  // the last byte's missing elements
+        for (int64_t i = 0; i < count; i += 8) {
+          uint64_t eight;
+          std::memcpy(&eight, buffer + i, 8);
+          low_bits[(b0 + i) >> 3] = gather_bits(eight);
+          high_bits[(b0 + i) >> 3] = gather_bits(eight >> 1);
+        }
+      }
+      return;
+    }
     if (two_bits) {
       std::fill(low_bits + u0, low_bits + u1, 0);
       std::fill(high_bits + u0, high_bits + u1, 0);
     }
-    for_each_window(windows, walk, planar, u0 * per_task_unit, std::min(n, u1 * per_task_unit),
-                    [&](int64_t e, int64_t origin) {
-                      const uint64_t step = uint64_t(src[e] - origin - windows.low);  // negative: huge
-                      const uint8_t offset = step < range ? offset_of[step] : 255;
-                      bad |= offset == 255;
-                      if (!two_bits) {
-                        low_bits[e] = offset;
-                      } else {
-                        low_bits[e >> 3] |= uint8_t((offset & 1) << (e & 7));
-                        high_bits[e >> 3] |= uint8_t(((offset >> 1) & 1) << (e & 7));
-                      }
-                    });
+    const uint8_t* offset_of = windows.offset_of.data();
+    const uint64_t beyond = uint64_t(windows.beyond);
+    bool bad = false;
+    const MemoryWalk walk(indices.sizes(), indices.strides(), windows.corner.size());
+    for_each_window(windows, walk, e0, e1, [&](int64_t e, int64_t origin) {
+      const uint8_t o = offset_of[std::min(uint64_t(src[e] - origin - windows.low), beyond)];
+      bad |= o == 255;
+      if (!two_bits) {
+        low_bits[e] = o;
+      } else {
+        low_bits[e >> 3] |= uint8_t((o & 1) << (e & 7));
+        high_bits[e >> 3] |= uint8_t(((o >> 1) & 1) << (e & 7));
+      }
+    });
     if (bad) outside.store(true, std::memory_order_relaxed);
   });
   if (outside.load()) return {};
@@ -538,10 +666,28 @@ at::Tensor decode_offsets(const std::vector<at::Tensor>& kept, const PoolingWind
   const uint8_t* high = two_bits ? kept[1].const_data_ptr<uint8_t>() : nullptr;
   int64_t* dst = out.data_ptr<int64_t>();
   const int64_t* deltas = windows.deltas.data();
-  const MemoryWalk walk(sizes, strides, windows.corner.size());
   const bool planar = row_major(sizes, strides);
-  at::parallel_for(0, n, kGrain, [&](int64_t e0, int64_t e1) {
-    for_each_window(windows, walk, planar, e0, e1, [&](int64_t e, int64_t origin) {
+  // a task starts on a byte boundary of the bit planes
+  at::parallel_for(0, (n + 7) / 8, kGrain / 8, [&](int64_t b0, int64_t b1) {
+    const int64_t e0 = b0 * 8, e1 = std::min(n, b1 * 8);
+    if (planar) {
+      uint8_t buffer[kBlock];
+      for (int64_t c0 = e0; c0 < e1; c0 += kBlock) {
+        const int64_t c1 = std::min(e1, c0 + kBlock);
+        const uint8_t* positions = low + c0;
+        if (two_bits) {
+          for (int64_t i = 0; i < c1 - c0; i += 8) {
+            const uint64_t eight = kSpreadBits[low[(c0 + i) >> 3]] | (kSpreadBits[high[(c0 + i) >> 3]] << 1);
+            std::memcpy(buffer + i, &eight, 8);
+          }
+          positions = buffer;
+        }
+        indices_of(positions, windows, c0, c1, dst);
+      }
+      return;
+    }
+    const MemoryWalk walk(sizes, strides, windows.corner.size());
+    for_each_window(windows, walk, e0, e1, [&](int64_t e, int64_t origin) {
       // the window position of element e: its byte, or its bits in the two planes
       const int position = two_bits ? ((low[e >> 3] >> (e & 7)) & 1) | (((high[e >> 3] >> (e & 7)) & 1) << 1) : low[e];
       dst[e] = origin + deltas[position];

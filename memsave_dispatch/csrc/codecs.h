@@ -32,11 +32,16 @@ at::Tensor unpack_bits(const at::Tensor& bits, at::IntArrayRef sizes, at::IntArr
 // TensorIterator configuration over (stand_in, grad).
 at::Tensor select_by_bits(const at::Tensor& bits, const at::Tensor& stand_in, const at::Tensor& grad);
 
+// The threads the encodings' parallel tasks run on (one where the extension was built without
+// the parallel backend torch runs on: ATen's parallel_for is a header template).
+int encoding_threads();
+
 // Max pooling's windows over the last `dims` dimensions of one input plane (codecs.PoolingWindows).
 struct PoolingWindows {
   std::vector<std::vector<int64_t>> corner;  // per spatial dim, per output position: its flat-index contribution
   std::vector<int64_t> deltas;  // flat step of each window position, row-major over the window
   std::vector<uint8_t> offset_of;  // step - low -> position (255: none)
+  int64_t beyond = 0;  // offset_of's entry (255) for every step below low or past the last
   std::vector<int64_t> origins;  // per output position of a plane (row-major): its window's origin
   int64_t low = 0;
   bool two_bits() const { return deltas.size() <= 4; }

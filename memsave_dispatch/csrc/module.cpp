@@ -395,6 +395,10 @@ PyObject* py_unpack_slot(PyObject*, PyObject* capsule) {
   MEMSAVE_CATCH
 }
 
+PyObject* py_encoding_threads(PyObject*, PyObject*) {
+  return PyLong_FromLong(encoding_threads());
+}
+
 PyMethodDef methods[] = {
     {"init", py_init, METH_VARARGS, "hand over the settings read from this torch release"},
     {"op_names", py_op_names, METH_NOARGS, "the operators with a C++ saving rule, by index"},
@@ -412,6 +416,7 @@ PyMethodDef methods[] = {
     {"outputs_held", py_outputs_held, METH_NOARGS, "-1 outside a max-pooling call, else whether its caller keeps the outputs"},
     {"set_compiled_autograd", py_set_compiled_autograd, METH_O, "compiled autograd on or off (process-wide)"},
     {"unpack_slot", py_unpack_slot, METH_O, "unpack a slot this engine holds"},
+    {"encoding_threads", py_encoding_threads, METH_NOARGS, "the threads an encoding's parallel tasks run on"},
     {nullptr, nullptr, 0, nullptr}};
 
 #define MEMSAVE_STRINGIFY2(x) #x
