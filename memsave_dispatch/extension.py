@@ -4,8 +4,8 @@ The C++ sources ship in the package (``csrc/``). The first MemSaveMode built in 
 compiles them against the installed torch with ``torch.utils.cpp_extension`` (ninja and a C++
 compiler; about a minute on two cores, with a status line) into torch's extension cache
 (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), one folder per torch
-release; every later process loads it in milliseconds (ninja rebuilds what changed when the
-package is upgraded).
+release (and per OpenMP or not); every later process loads it in milliseconds (ninja rebuilds
+what changed when the package is upgraded).
 
 ``MEMSAVE_DISPATCH_ENGINE=python`` skips all of this: the pure-Python engine runs. Without a
 compiler, with a failed build or a torch release the extension is not written for, a single
@@ -38,8 +38,10 @@ SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))
 _HEADERS = tuple(sorted((Path(__file__).parent / "csrc").glob("*.h")))
 _FLAGS = ("-O3",)
 #: ATen's parallel_for is a header template: its tasks run on torch's OpenMP threads only where
-#: the extension is compiled with OpenMP as torch is (else serially). The library this links is
-#: the one torch has loaded already (same soname).
+#: the extension is compiled with OpenMP as torch is (else serially). Where torch's wheel ships
+#: libgomp under its own soname, the library this links is the one torch loaded; where a build
+#: with it fails, or its runtime is not torch's (it does not follow torch.set_num_threads), the
+#: extension is built again without it: encodings then run in one thread.
 _OPENMP_FLAGS = ("-fopenmp",) if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else ()
 
 
@@ -99,12 +101,12 @@ def unavailable_reason() -> str | None:
 _NAME = "memsave_dispatch_engine"
 
 
-def _digest() -> str:
+def _digest(openmp: tuple[str, ...]) -> str:
     """What the build depends on besides the torch release (its folder)."""
     digest = hashlib.sha256()
     for path in (*SOURCES, *_HEADERS):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    digest.update(" ".join(_FLAGS + _OPENMP_FLAGS).encode())
+    digest.update(" ".join(_FLAGS + openmp).encode())
     return digest.hexdigest()
 
 
@@ -113,12 +115,29 @@ def _build_and_import() -> ModuleType:
         raise _Unavailable(f"it is written for torch {OLDEST_TORCH} and later, this is torch {torch.__version__}")
     if not SOURCES:
         raise _Unavailable("its C++ sources are missing from the installed package")
+    if _OPENMP_FLAGS:
+        try:
+            module = _build(_OPENMP_FLAGS, "openmp")
+            if _follows_torchs_threads(module):
+                return module
+        except _Unavailable:
+            pass
+    return _build((), "serial")
+
+
+def _follows_torchs_threads(module: ModuleType) -> bool:
+    """Whether the extension's OpenMP runtime agrees with torch's thread count (another
+    runtime would not follow torch.set_num_threads; tests/test_compiled.py checks it does)."""
+    return module.encoding_threads_allowed() == torch.get_num_threads()
+
+
+def _build(openmp: tuple[str, ...], flavour: str) -> ModuleType:
     from torch.utils import cpp_extension
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    directory = Path(root) / "memsave_dispatch" / f"torch-{torch.__version__}"
+    directory = Path(root) / "memsave_dispatch" / f"torch-{torch.__version__}" / flavour
     stamp = directory / "sources.sha256"
-    digest = _digest()
+    digest = _digest(openmp)
     building = not (directory / f"{_NAME}.so").exists() or not stamp.exists() or stamp.read_text() != digest
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -126,8 +145,8 @@ def _build_and_import() -> ModuleType:
             module = cpp_extension.load(
                 name=_NAME,
                 sources=[str(path) for path in SOURCES],
-                extra_cflags=[*_FLAGS, *_OPENMP_FLAGS],
-                extra_ldflags=list(_OPENMP_FLAGS),
+                extra_cflags=[*_FLAGS, *openmp],
+                extra_ldflags=list(openmp),
                 build_directory=str(directory),
                 is_python_module=True,
                 verbose=False,

@@ -21,6 +21,13 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// The bit planes' bytes are read and written eight at a time as integers: element 8b+j is bit j
+// of byte b only where the lowest byte comes first.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "memsave_dispatch's codecs assume a little-endian CPU");
 
 namespace memsave {
 namespace {
@@ -307,6 +314,14 @@ at::Tensor select_by_bits(const at::Tensor& bits, const at::Tensor& stand_in, co
   return iter.output();
 }
 
+int encoding_threads_allowed() {
+#ifdef _OPENMP
+  return omp_get_max_threads();  // this extension's OpenMP runtime: torch's follows set_num_threads
+#else
+  return 1;
+#endif
+}
+
 int encoding_threads() {
   const int64_t tasks = std::max(1, at::get_num_threads());
   std::vector<std::atomic<bool>> ran(size_t(tasks) + 1);
@@ -486,9 +501,10 @@ void for_each_window(const PoolingWindows& windows, const MemoryWalk& walk, int6
 
 // Where the tensor is row-major, the window of element e is the plane's table entry
 // e % plane (windows.origins): a task goes through its elements in blocks, a plane at a time
-// (no memory walk, no division), with one byte of window position per element in a buffer
+// (no memory walk, no division per element), with one byte of window position per element in a buffer
 // that the bit planes are packed from, or unpacked into.
 constexpr int64_t kBlock = 4096;  // elements: a multiple of 8 (whole bytes of the bit planes)
+static_assert(kBlock % 8 == 0);
 
 // f(e, k, run): elements e .. e+run-1 sit at plane positions k .. k+run-1.
 template <class F>

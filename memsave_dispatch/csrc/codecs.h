@@ -35,6 +35,8 @@ at::Tensor select_by_bits(const at::Tensor& bits, const at::Tensor& stand_in, co
 // The threads the encodings' parallel tasks run on (one where the extension was built without
 // the parallel backend torch runs on: ATen's parallel_for is a header template).
 int encoding_threads();
+// The most threads they may run on (1 where the extension was built without OpenMP).
+int encoding_threads_allowed();
 
 // Max pooling's windows over the last `dims` dimensions of one input plane (codecs.PoolingWindows).
 struct PoolingWindows {

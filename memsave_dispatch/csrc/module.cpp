@@ -399,6 +399,10 @@ PyObject* py_encoding_threads(PyObject*, PyObject*) {
   return PyLong_FromLong(encoding_threads());
 }
 
+PyObject* py_encoding_threads_allowed(PyObject*, PyObject*) {
+  return PyLong_FromLong(encoding_threads_allowed());
+}
+
 PyMethodDef methods[] = {
     {"init", py_init, METH_VARARGS, "hand over the settings read from this torch release"},
     {"op_names", py_op_names, METH_NOARGS, "the operators with a C++ saving rule, by index"},
@@ -417,6 +421,7 @@ PyMethodDef methods[] = {
     {"set_compiled_autograd", py_set_compiled_autograd, METH_O, "compiled autograd on or off (process-wide)"},
     {"unpack_slot", py_unpack_slot, METH_O, "unpack a slot this engine holds"},
     {"encoding_threads", py_encoding_threads, METH_NOARGS, "the threads an encoding's parallel tasks run on"},
+    {"encoding_threads_allowed", py_encoding_threads_allowed, METH_NOARGS, "the most threads they may run on"},
     {nullptr, nullptr, 0, nullptr}};
 
 #define MEMSAVE_STRINGIFY2(x) #x
