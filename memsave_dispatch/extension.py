@@ -115,14 +115,28 @@ def _build_and_import() -> ModuleType:
         raise _Unavailable(f"it is written for torch {OLDEST_TORCH} and later, this is torch {torch.__version__}")
     if not SOURCES:
         raise _Unavailable("its C++ sources are missing from the installed package")
-    if _OPENMP_FLAGS:
-        try:
-            module = _build(_OPENMP_FLAGS, "openmp")
-            if _follows_torchs_threads(module):
-                return module
-        except _Unavailable:
-            pass
-    return _build((), "serial")
+    if not _OPENMP_FLAGS:
+        return _build_serial()
+    directory, digest = _directory("openmp"), _digest(_OPENMP_FLAGS)
+    declined = directory / "declined.sha256"  # these sources built here without OpenMP only
+    if declined.exists() and declined.read_text() == digest:
+        return _build_serial()
+    try:
+        module = _build(_OPENMP_FLAGS, directory, digest, _NAME)
+        if _follows_torchs_threads(module):
+            return module
+    except _Unavailable:
+        pass
+    module = _build_serial()  # (where this fails too, the compiler is the problem: OpenMP is tried again next time)
+    try:
+        declined.write_text(digest)
+    except OSError:
+        pass
+    return module
+
+
+def _build_serial() -> ModuleType:
+    return _build((), _directory("serial"), _digest(()), f"{_NAME}_serial")
 
 
 def _follows_torchs_threads(module: ModuleType) -> bool:
@@ -131,19 +145,26 @@ def _follows_torchs_threads(module: ModuleType) -> bool:
     return module.encoding_threads_allowed() == torch.get_num_threads()
 
 
-def _build(openmp: tuple[str, ...], flavour: str) -> ModuleType:
+def _cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, imported only where a build is needed (it is slow to import)."""
     from torch.utils import cpp_extension
 
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    directory = Path(root) / "memsave_dispatch" / f"torch-{torch.__version__}" / flavour
+    return cpp_extension
+
+
+def _directory(flavour: str) -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or _cpp_extension().get_default_build_root()
+    return Path(root) / "memsave_dispatch" / f"torch-{torch.__version__}" / flavour
+
+
+def _build(openmp: tuple[str, ...], directory: Path, digest: str, name: str) -> ModuleType:
     stamp = directory / "sources.sha256"
-    digest = _digest(openmp)
-    building = not (directory / f"{_NAME}.so").exists() or not stamp.exists() or stamp.read_text() != digest
+    building = not (directory / f"{name}.so").exists() or not stamp.exists() or stamp.read_text() != digest
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with _status(building, directory):
-            module = cpp_extension.load(
-                name=_NAME,
+            module = _cpp_extension().load(
+                name=name,
                 sources=[str(path) for path in SOURCES],
                 extra_cflags=[*_FLAGS, *openmp],
                 extra_ldflags=list(openmp),

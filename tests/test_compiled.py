@@ -404,6 +404,32 @@ def test_without_a_compiler_one_warning_and_the_python_engine(tmp_path):
     assert done.stderr.count("RuntimeWarning: memsave-dispatch: the compiled engine is unavailable") == 1, done.stderr
 
 
+@pytest.mark.parametrize("serial_builds", [True, False])
+def test_a_toolchain_without_openmp_builds_the_engine_without_it(tmp_path, monkeypatch, serial_builds):
+    """Where the build with OpenMP fails and the one without works, the engine runs serial, and
+    later loads go straight to that build; where both fail (no compiler), OpenMP is tried again
+    next time."""
+    attempts = []
+
+    def build(openmp, directory, digest, name):
+        attempts.append("openmp" if openmp else "serial")
+        directory.mkdir(parents=True, exist_ok=True)
+        if openmp or not serial_builds:
+            raise extension._Unavailable("building it failed")
+        return name
+
+    monkeypatch.setattr(extension, "_OPENMP_FLAGS", ("-fopenmp",))
+    monkeypatch.setattr(extension, "_build", build)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    for _ in range(2):
+        if serial_builds:
+            assert extension._build_and_import() == "memsave_dispatch_engine_serial"
+        else:
+            with pytest.raises(extension._Unavailable):
+                extension._build_and_import()
+    assert attempts == (["openmp", "serial", "serial"] if serial_builds else ["openmp", "serial"] * 2)
+
+
 def test_the_python_engine_on_request_builds_nothing(tmp_path):
     done = _python(_TWO_MODES, MEMSAVE_DISPATCH_ENGINE="python", TORCH_EXTENSIONS_DIR=str(tmp_path))
     assert done.returncode == 0, done.stderr
