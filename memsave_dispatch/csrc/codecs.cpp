@@ -166,17 +166,8 @@ at::Tensor pack_bits(const at::Tensor& dense, Predicate predicate) {
 // Each kept byte becomes its 8 elements, copied from a table of all 256 (L1-resident), in one
 // parallel pass straight into the stand-in backward reads.
 namespace {
-template <typename T>
-void expand_bytes(const uint8_t* src, T* dst, int64_t bytes, double low, double high) {
-  const auto table_ref = value_table<T>(low, high);
-  const auto* table = reinterpret_cast<const T*>(table_ref->data());
-  at::parallel_for(0, bytes, kGrain / 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) std::memcpy(dst + b * 8, table + int64_t(src[b]) * 8, 8 * sizeof(T));
-  });
-}
-
 #if defined(__x86_64__)
-// The same for 4-byte elements, 32 bytes per load and store.
+// 4-byte elements: 32 bytes per load and store.
 __attribute__((target("avx2"))) void expand_bytes_4_avx2(const uint8_t* src, uint32_t* dst, int64_t b0, int64_t b1,
                                                          const uint32_t* table) {
   for (int64_t b = b0; b < b1; ++b) {
@@ -186,21 +177,20 @@ __attribute__((target("avx2"))) void expand_bytes_4_avx2(const uint8_t* src, uin
 }
 #endif
 
-template <>
-void expand_bytes<float>(const uint8_t* src, float* dst, int64_t bytes, double low, double high) {
-  const auto table_ref = value_table<float>(low, high);
-#if defined(__x86_64__)
-  if (kAvx2) {
-    const auto* table = reinterpret_cast<const uint32_t*>(table_ref->data());
-    at::parallel_for(0, bytes, kGrain / 8, [&](int64_t b0, int64_t b1) {
-      expand_bytes_4_avx2(src, reinterpret_cast<uint32_t*>(dst), b0, b1, table);
-    });
-    return;
-  }
-#endif
-  const float* table = table_ref->data();
+template <typename T>
+void expand_bytes(const uint8_t* src, T* dst, int64_t bytes, double low, double high) {
+  const auto table_ref = value_table<T>(low, high);
+  const auto* table = reinterpret_cast<const T*>(table_ref->data());
   at::parallel_for(0, bytes, kGrain / 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) std::memcpy(dst + b * 8, table + int64_t(src[b]) * 8, 8 * sizeof(float));
+#if defined(__x86_64__)
+    if constexpr (sizeof(T) == 4) {
+      if (kAvx2) {
+        expand_bytes_4_avx2(src, reinterpret_cast<uint32_t*>(dst), b0, b1, reinterpret_cast<const uint32_t*>(table));
+        return;
+      }
+    }
+#endif
+    for (int64_t b = b0; b < b1; ++b) std::memcpy(dst + b * 8, table + int64_t(src[b]) * 8, 8 * sizeof(T));
   });
 }
 

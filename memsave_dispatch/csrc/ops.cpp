@@ -69,6 +69,15 @@ const c10::KernelFunction* computed_kernel(const c10::OperatorHandle& handle,
   return new c10::KernelFunction(safe.*get(KernelOfSafe()));  // kept for the process: kernels may still run it
 }
 
+// K::handle and K::stock: the operator, and its kernel at `key` before anything overrode it.
+template <class K>
+void capture_stock(const char* name, const char* overload, c10::DispatchKey key = c10::DispatchKey::AutogradCPU) {
+  if (K::stock) return;
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
+  K::handle = new c10::OperatorHandle(op);
+  K::stock = computed_kernel(op, key);
+}
+
 // -- when a call is not plain eager ---------------------------------------------------------------
 const c10::DispatchKeySet kNotEager({
     c10::DispatchKey::Fake,
@@ -871,13 +880,15 @@ struct Kernel<Op, Ret(Args...)> {
 // carrying y's mask (MaskOnGhost), the bits answer that in one pass over grad, and the output
 // is laid out as stock's (the same TensorIterator configuration as its structured kernel).
 // Any other call gets stock's CPU kernel (with the mask decoded, where a ghost comes otherwise).
-const c10::OperatorHandle* threshold_backward_handle = nullptr;
-const c10::KernelFunction* threshold_backward_stock = nullptr;
+struct ThresholdBackwardCpu {
+  static inline const c10::OperatorHandle* handle = nullptr;
+  static inline const c10::KernelFunction* stock = nullptr;
+};
 
 at::Tensor stock_threshold_backward(c10::DispatchKeySet ks, const at::Tensor& grad, const at::Tensor& self,
                                     const at::Scalar& threshold) {
-  return threshold_backward_stock->call<at::Tensor, const at::Tensor&, const at::Tensor&, const at::Scalar&>(
-      *threshold_backward_handle, ks, grad, self, threshold);
+  return ThresholdBackwardCpu::stock->call<at::Tensor, const at::Tensor&, const at::Tensor&, const at::Scalar&>(
+      *ThresholdBackwardCpu::handle, ks, grad, self, threshold);
 }
 
 bool reads_mask_in_place(const at::Tensor& grad, const at::Tensor& self, const at::Scalar& threshold) {
@@ -902,11 +913,7 @@ std::unique_ptr<torch::Library> cpu_library;
 
 void install_threshold_backward() {
   if (cpu_library) return;
-  if (!threshold_backward_stock) {
-    auto op = c10::Dispatcher::singleton().findSchemaOrThrow("aten::threshold_backward", "");
-    threshold_backward_handle = new c10::OperatorHandle(op);
-    threshold_backward_stock = computed_kernel(op, c10::DispatchKey::CPU);
-  }
+  capture_stock<ThresholdBackwardCpu>("aten::threshold_backward", "", c10::DispatchKey::CPU);
   cpu_library = std::make_unique<torch::Library>(torch::Library::IMPL, "aten", c10::DispatchKey::CPU, __FILE__, __LINE__);
   cpu_library->impl("threshold_backward", torch::CppFunction::makeFromUnboxedFunction(&threshold_backward_cpu));
   masks_read_in_place.store(true, std::memory_order_release);
@@ -924,14 +931,6 @@ struct OpRecord {
   void (*capture)();
   void (*install)(torch::Library&);
 };
-
-template <class K>
-void capture_stock(const char* name, const char* overload) {
-  if (K::stock) return;
-  auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
-  K::handle = new c10::OperatorHandle(op);
-  K::stock = computed_kernel(op);
-}
 
 const std::vector<OpRecord>& records() {
   static const std::vector<OpRecord> all = [] {
