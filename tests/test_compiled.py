@@ -252,6 +252,13 @@ PEAKS_DIFFER = {
 #: where the Python engine decodes them into a tensor of the output's size first.
 PEAKS_LOWER_COMPILED = {
     "aten.max_pool2d_with_indices.default: of a sum",
+    # max_pool2d's backward reads the window offsets in place: no int64 indices decoded
+    "aten.max_pool2d_with_indices.default: 1-d, indices dropped",
+    "aten.max_pool2d_with_indices.default: 2x2 over tasks",
+    "aten.max_pool2d_with_indices.default: 2x2, indices dropped",
+    "aten.max_pool2d_with_indices.default: 2x2, indices returned",
+    "aten.max_pool2d_with_indices.default: 3x3 s1 over tasks",
+    "aten.max_pool2d_with_indices.default: called as an aten operator",
     "aten.addmm.default: linear, grads (True, False, True)",
     "aten.relu.default: consumed, a strided view",
     "aten.relu.default: consumed, channels_last",
@@ -273,7 +280,8 @@ PEAKS_LOWER_COMPILED = {
 @pytest.mark.parametrize("name", sorted(set(CASES) - PEAKS_DIFFER))
 def test_both_engines_peak_alike(name, monkeypatch):
     """The whole call's allocator peak, forward and backward, is the same on both engines (or
-    lower on the compiled one, where the Python engine's encoding makes temporaries)."""
+    lower on the compiled one, where the Python engine's encoding makes temporaries or the
+    compiled backward reads an encoding in place)."""
     why = compiled_unavailable()
     if why is not None:
         pytest.skip(why)
@@ -507,6 +515,126 @@ def test_relu_backward_reads_the_mask_in_place_like_stock(compiled_engine, dtype
     for a, b in zip(ours, stock):
         assert_bit_identical(a, b, "gradient")
         assert a.stride() == b.stride()
+
+
+def _max_pool_gradients(x: torch.Tensor, grad: torch.Tensor, pool, *, create_graph: bool = False,
+                        before_backward=None, backwards: int = 1):
+    """d(pool(x * 1))/dx against ``grad`` (the indices dropped: their offsets are what backward
+    gets), ``backwards`` times over the same graph; with ``create_graph``, also the gradient of
+    |dx|^2 with respect to ``grad`` (max_pool_double_backward, which reads the indices)."""
+    y = pool(x * 1)
+    if before_backward is not None:
+        before_backward()
+    grads = []
+    for _ in range(backwards):
+        if create_graph:
+            grad = grad.detach().requires_grad_(True)
+        (dx,) = torch.autograd.grad(y, x, grad, create_graph=create_graph, retain_graph=True)
+        grads.append(dx)
+        if create_graph:
+            grads.extend(torch.autograd.grad(dx.square().sum(), (x, grad), allow_unused=True, materialize_grads=True))
+    return grads
+
+
+POOLS = {
+    "2x2": lambda t: F.max_pool2d(t, 2),
+    "3x3 stride 1 (overlapping)": lambda t: F.max_pool2d(t, 3, stride=1, padding=1),
+    "3x3 stride 2, dilated, ceil": lambda t: F.max_pool2d(t, 3, stride=2, dilation=2, ceil_mode=True),
+    "1-d": lambda t: F.max_pool1d(t.flatten(-2), 4),
+}
+
+GRAD_LAYOUTS = {
+    "contiguous": lambda g: g,
+    "a transposed view": lambda g: g.transpose(-1, -2).contiguous().transpose(-1, -2),
+    "channels_last": lambda g: g.contiguous(memory_format=torch.channels_last) if g.dim() == 4 else g,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "no batch"])
+@pytest.mark.parametrize("pool", list(POOLS))
+@pytest.mark.parametrize("grad_layout", list(GRAD_LAYOUTS))
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "double backward"])
+def test_max_pool_backward_reads_the_offsets_in_place_like_stock(compiled_engine, dtype, layout, pool, grad_layout,
+                                                                 create_graph):
+    """max_pool2d's backward adds each output's gradient where its window offset points, without
+    decoding the indices (float and double, row-major): stock's gradient bit for bit (NaN, -0.0
+    and ties in the input, NaN in the incoming gradient, overlapping windows, any layout of the
+    incoming gradient), laid out as stock lays it out; other dtypes and layouts, and double
+    backward, get the decoded indices. (That the offsets are read in place, not decoded:
+    test_both_engines_peak_alike, where such calls peak lower than on the Python engine.)"""
+    shape = (3, 7, 9) if layout == "no batch" else (2, 3, 7, 9)
+    x = _x(*shape, dtype=dtype, specials=True, requires_grad=False)
+    x.view(-1)[5:9] = 0.5  # ties within a window
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    with torch.no_grad():
+        out_shape = POOLS[pool](x).shape
+    grad = seeded_randn(*out_shape, seed=5, dtype=dtype)
+    grad.view(-1)[2] = float("nan")
+    grad = GRAD_LAYOUTS[grad_layout](grad)
+    stock = _max_pool_gradients(x, grad, POOLS[pool], create_graph=create_graph)
+    with MemSaveMode() as mode:
+        ours = _max_pool_gradients(x, grad, POOLS[pool], create_graph=create_graph)
+    assert any(label.endswith("window offsets") for label in mode.report()["max_pool2d_with_indices"].encodings)
+    assert len(ours) == len(stock)
+    for a, b in zip(ours, stock):
+        assert_bit_identical(a, b, "gradient")
+        assert a.stride() == b.stride()
+
+
+def test_max_pool_offsets_read_in_place_serve_a_second_backward(compiled_engine):
+    """retain_graph: the offsets stay kept, and a second backward reads them again."""
+    x, grad = _x(2, 3, 8, 8), seeded_randn(2, 3, 8, 8, seed=5)
+    pool = POOLS["3x3 stride 1 (overlapping)"]
+    stock = _max_pool_gradients(x, grad, pool, backwards=2)
+    with MemSaveMode():
+        ours = _max_pool_gradients(x, grad, pool, backwards=2)
+    for a, b in zip(ours, stock):
+        assert_bit_identical(a, b, "gradient")
+
+
+@pytest.mark.parametrize("name", ["relu", "max_pool2d"])
+def test_a_python_mode_around_backward_gets_decoded_encodings(compiled_engine, name):
+    """A Python dispatch mode on in the backward pass sees (and may copy) what a node unpacks:
+    the node gets the decoded stand-in, not a ghost carrying the encoding (a copy of the ghost
+    would lose it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Cloning(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            clone = lambda t: t.clone() if isinstance(t, torch.Tensor) else t
+            return func(*map(clone, args), **{k: clone(v) for k, v in (kwargs or {}).items()})
+
+    x = _x(2, 3, 8, 8)
+    op = {"relu": F.relu, "max_pool2d": POOLS["2x2"]}[name]
+
+    def gradient():
+        y = op(x * 1).mul(1.5)  # the op's output unshared: its encoding is what backward gets
+        grad = seeded_randn(*y.shape, seed=5)
+        with Cloning():
+            (dx,) = torch.autograd.grad(y, x, grad)
+        return dx
+
+    stock = gradient()
+    with MemSaveMode() as mode:
+        ours = gradient()
+    assert set(mode.report()[op.__name__ if name == "relu" else "max_pool2d_with_indices"].encodings) - {"dropped"}
+    assert_bit_identical(ours, stock, "gradient")
+
+
+def test_max_pool_offsets_decode_once_the_engine_is_uninstalled(compiled_engine):
+    """A graph built in the mode, its backward run after the engine's kernels were removed: the
+    offsets decode for stock's kernel."""
+    from memsave_dispatch import engine
+
+    x = _x(2, 3, 8, 8)
+    grad = seeded_randn(2, 3, 4, 4, seed=5)
+    stock = _max_pool_gradients(x, grad, POOLS["2x2"])
+    with MemSaveMode():
+        ours = _max_pool_gradients(x, grad, POOLS["2x2"], before_backward=engine.uninstall)
+    assert_bit_identical(ours[0], stock[0], "gradient")
 
 
 def test_python_reading_a_relu_slot_during_backward_gets_the_stand_in(compiled_engine):

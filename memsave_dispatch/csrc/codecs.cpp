@@ -322,6 +322,16 @@ int encoding_threads() {
 }
 
 // -- pooling windows -------------------------------------------------------------------------
+bool row_major(at::IntArrayRef sizes, at::IntArrayRef strides) {
+  int64_t expected = 1;
+  for (int64_t d = int64_t(sizes.size()) - 1; d >= 0; --d) {
+    if (sizes[d] == 1) continue;
+    if (strides[d] != expected) return false;
+    expected *= sizes[d];
+  }
+  return true;
+}
+
 namespace {
 
 std::vector<int64_t> plane_strides(at::IntArrayRef sizes) {
@@ -458,17 +468,6 @@ class MemoryWalk {
   c10::SmallVector<int64_t, 8> size_;
   c10::SmallVector<int, 8> role_;
 };
-
-// Whether a dense layout is row-major (size-1 dimensions' strides do not matter).
-bool row_major(at::IntArrayRef sizes, at::IntArrayRef strides) {
-  int64_t expected = 1;
-  for (int64_t d = int64_t(sizes.size()) - 1; d >= 0; --d) {
-    if (sizes[d] == 1) continue;
-    if (strides[d] != expected) return false;
-    expected *= sizes[d];
-  }
-  return true;
-}
 
 // origin of the window at `coords`, leaving out dimension `skip`
 inline int64_t origin_of(const PoolingWindows& w, const MemoryWalk::Coords& coords, int skip) {
@@ -700,6 +699,66 @@ at::Tensor decode_offsets(const std::vector<at::Tensor>& kept, const PoolingWind
     });
   });
   return restrided(std::move(out), sizes, strides);
+}
+
+namespace {
+// One task's planes: window positions unpacked a block at a time (a byte of each bit plane
+// spreads to eight positions), then each output's gradient added at its origin + delta.
+template <class T>
+void scatter_planes(const uint8_t* low, const uint8_t* high, const PoolingWindows& windows, const T* grad_output,
+                    T* grad_input, int64_t planes, int64_t in_plane) {
+  const int64_t out_plane = int64_t(windows.origins.size());
+  const int64_t* origins = windows.origins.data();
+  const int64_t* deltas = windows.deltas.data();
+  at::parallel_for(0, planes, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, out_plane)), [&](int64_t p0, int64_t p1) {
+    std::memset(grad_input + p0 * in_plane, 0, size_t((p1 - p0) * in_plane) * sizeof(T));
+    uint8_t buffer[kBlock + 8];
+    for (int64_t p = p0; p < p1; ++p) {
+      T* plane = grad_input + p * in_plane;
+      const int64_t e0 = p * out_plane, e1 = e0 + out_plane;
+      for (int64_t c0 = e0; c0 < e1; c0 += kBlock) {
+        const int64_t c1 = std::min(e1, c0 + kBlock);
+        const uint8_t* positions = low + c0;
+        if (high) {
+          const int64_t first = c0 & ~int64_t(7);  // from the byte holding c0's bits
+          for (int64_t i = first; i < c1; i += 8) {
+            const uint64_t eight = kSpreadBits[low[i >> 3]] | (kSpreadBits[high[i >> 3]] << 1);
+            std::memcpy(buffer + (i - first), &eight, 8);
+          }
+          positions = buffer + (c0 - first);
+        }
+        const int64_t* origin = origins + (c0 - e0);
+        const T* grad = grad_output + c0;
+        for (int64_t r = 0; r < c1 - c0; ++r) {
+          const int64_t index = origin[r] + deltas[positions[r]];
+          if (index != -1) plane[index] += grad[r];  // as stock's loop skips -1
+        }
+      }
+    }
+  });
+}
+}  // namespace
+
+at::Tensor scatter_by_offsets(const std::vector<at::Tensor>& kept, const PoolingWindows& windows,
+                              const at::Tensor& grad_output, at::IntArrayRef input_sizes) {
+  const at::Tensor grad = grad_output.contiguous();
+  at::Tensor grad_input(at::detail::empty_cpu(input_sizes, at::TensorOptions().dtype(grad.scalar_type())));
+  const int64_t out_plane = int64_t(windows.origins.size());
+  const int64_t planes = out_plane ? grad.numel() / out_plane : 0;
+  if (planes == 0) return grad_input.zero_();
+  const int64_t in_plane = grad_input.numel() / planes;
+  const uint8_t* low = kept[0].const_data_ptr<uint8_t>();
+  const uint8_t* high = windows.two_bits() ? kept[1].const_data_ptr<uint8_t>() : nullptr;
+  switch (grad.scalar_type()) {
+    case at::kFloat:
+      scatter_planes(low, high, windows, grad.const_data_ptr<float>(), grad_input.mutable_data_ptr<float>(), planes, in_plane);
+      break;
+    case at::kDouble:
+      scatter_planes(low, high, windows, grad.const_data_ptr<double>(), grad_input.mutable_data_ptr<double>(), planes, in_plane);
+      break;
+    default: TORCH_INTERNAL_ASSERT(false, "memsave: no max-pool backward from offsets for ", grad.scalar_type());
+  }
+  return grad_input;
 }
 
 }  // namespace memsave

@@ -38,6 +38,9 @@ int encoding_threads();
 // The most threads they may run on (1 where the extension was built without OpenMP).
 int encoding_threads_allowed();
 
+// Whether a dense layout is row-major (size-1 dimensions' strides do not matter).
+bool row_major(at::IntArrayRef sizes, at::IntArrayRef strides);
+
 // Max pooling's windows over the last `dims` dimensions of one input plane (codecs.PoolingWindows).
 struct PoolingWindows {
   std::vector<std::vector<int64_t>> corner;  // per spatial dim, per output position: its flat-index contribution
@@ -61,5 +64,11 @@ std::shared_ptr<const PoolingWindows> adaptive_windows(at::IntArrayRef in_sizes,
 std::vector<at::Tensor> encode_offsets(const at::Tensor& indices, const PoolingWindows& windows);
 at::Tensor decode_offsets(const std::vector<at::Tensor>& kept, const PoolingWindows& windows, at::IntArrayRef sizes,
                           at::IntArrayRef strides);
+
+// max_pool2d_with_indices_backward from the offsets of row-major indices, without them: a
+// contiguous gradient of the input, +0 everywhere, then, plane by plane, each output's gradient
+// added where its offset points, in the order stock's kernel adds (float or double).
+at::Tensor scatter_by_offsets(const std::vector<at::Tensor>& kept, const PoolingWindows& windows,
+                              const at::Tensor& grad_output, at::IntArrayRef input_sizes);
 
 }  // namespace memsave

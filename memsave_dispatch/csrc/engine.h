@@ -78,8 +78,18 @@ struct PendingBook {
 class WatchState;
 struct Waiting;
 
+using TalliesList = std::vector<std::shared_ptr<Tallies>>;
+
 struct ThreadState {
   std::vector<std::shared_ptr<Scope>> scopes;  // innermost last
+  // their tallies, in one list that the encodings waiting in this thread share
+  std::shared_ptr<const TalliesList> tallies = std::make_shared<const TalliesList>();
+  void scopes_changed() {
+    auto list = std::make_shared<TalliesList>();
+    list->reserve(scopes.size());
+    for (const auto& scope : scopes) list->push_back(scope->tallies);
+    tallies = std::move(list);
+  }
   std::shared_ptr<PendingBook> pending = std::make_shared<PendingBook>();
   int pooling_depth = 0;  // inside a composite max pooling operator (see ops.cpp)
   bool pooling_holds = false;  // ...whose caller keeps the indices
@@ -90,6 +100,29 @@ struct ThreadState {
 
 // Calls straight to the CPU kernels: no autograd, no Python modes, whatever this thread's state.
 inline const c10::DispatchKeySet kCpuOnly(c10::DispatchKey::CPU);
+
+// Keys of a call that is not plain eager (on a tensor, or included in the thread): tracing,
+// functorch, Python modes and subclasses, forward-AD zero tensors.
+inline const c10::DispatchKeySet kNotEager({
+    c10::DispatchKey::Fake,
+    c10::DispatchKey::Python,
+    c10::DispatchKey::FuncTorchDynamicLayerBackMode,
+    c10::DispatchKey::Functionalize,
+    c10::DispatchKey::Conjugate,
+    c10::DispatchKey::Negative,
+    c10::DispatchKey::ZeroTensor,
+    c10::DispatchKey::Tracer,
+    c10::DispatchKey::FuncTorchBatched,
+    c10::DispatchKey::BatchedNestedTensor,
+    c10::DispatchKey::FuncTorchVmapMode,
+    c10::DispatchKey::Batched,
+    c10::DispatchKey::VmapMode,
+    c10::DispatchKey::FuncTorchGradWrapper,
+    c10::DispatchKey::PythonTLSSnapshot,
+    c10::DispatchKey::FuncTorchDynamicLayerFrontMode,
+    c10::DispatchKey::PreDispatch,
+    c10::DispatchKey::PythonDispatcher,
+});
 
 // Whether any mode is active in this thread: the only thing a kernel reads outside a mode.
 extern thread_local bool tls_active __attribute__((tls_model("initial-exec")));

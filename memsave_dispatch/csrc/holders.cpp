@@ -1,6 +1,8 @@
 // Slot holders, stock's version check, tensor watches and the unshared encodings.
 #include "holders.h"
 
+#include "torch_private.h"
+
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/clone_ops.h>
@@ -9,8 +11,11 @@
 #include <ATen/ops/_to_copy_ops.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/anomaly_mode.h>
+#include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/grad_mode.h>
 #include <torch/csrc/autograd/variable.h>
+#include <torch/headeronly/version.h>
 
 #include <sys/mman.h>
 
@@ -48,7 +53,7 @@ const char* zero_pages(size_t nbytes) {
 }
 }  // namespace
 
-void GhostCore::pack(const at::Tensor& tensor) {
+void GhostCore::pack(const at::Tensor& tensor, bool) {
   layout.sizes.assign(tensor.sizes().begin(), tensor.sizes().end());
   layout.strides.assign(tensor.strides().begin(), tensor.strides().end());
   layout.dtype = tensor.scalar_type();
@@ -99,21 +104,31 @@ at::Tensor GhostCore::unpack() {
   return ghost_of(layout);
 }
 
-std::atomic<bool> masks_read_in_place{false};
+std::array<std::atomic<bool>, size_t(Reader::kCount)> readers_installed{};
 
-const MaskOnGhost* mask_on(const at::Tensor& tensor) {
+const EncodingOnGhost* encoding_on(const at::Tensor& tensor) {
   c10::BackendMeta* meta = tensor.unsafeGetTensorImpl()->get_backend_meta();
-  return meta ? dynamic_cast<const MaskOnGhost*>(meta) : nullptr;
+  return meta ? dynamic_cast<const EncodingOnGhost*>(meta) : nullptr;
 }
 
 namespace {
-at::Tensor mask_on_ghost(std::shared_ptr<const Codec> codec, const Encoded& encoded) {
+// Whether only a derivative formula, run eagerly, reads what unpack returns: a backward pass
+// runs in this thread with grad mode off (no graph of the backward), no Python code is the
+// caller (it holds the GIL), and no Python mode, tracer or functorch transform is on in the
+// thread (it could copy the ghost, and the encoding with it would be lost). A judgment from the
+// thread's state, not a guarantee: other C++ code reading a slot in backward gets the ghost.
+bool read_by_a_formula_only() {
+  return torch::autograd::get_current_graph_task_id() != -1 && !at::GradMode::is_enabled() &&
+         (c10::impl::tls_local_dispatch_key_set().included_ & kNotEager).empty() && !python_holds_this_thread();
+}
+
+at::Tensor encoding_on_ghost(std::shared_ptr<const Codec> codec, const Encoded& encoded) {
   Layout layout;
   layout.sizes.assign(encoded.sizes.begin(), encoded.sizes.end());
   layout.strides.assign(encoded.strides.begin(), encoded.strides.end());
   layout.dtype = encoded.dtype;
   at::Tensor ghost = make_ghost(layout);  // its own TensorImpl: the bits ride on it
-  ghost.unsafeGetTensorImpl()->set_backend_meta(c10::make_intrusive<MaskOnGhost>(std::move(codec), encoded));
+  ghost.unsafeGetTensorImpl()->set_backend_meta(c10::make_intrusive<EncodingOnGhost>(std::move(codec), encoded));
   return ghost;
 }
 }  // namespace
@@ -338,19 +353,25 @@ at::Tensor Codec::decode(const Encoded& encoded) const {
 }
 
 // -- encoded holders ---------------------------------------------------------------------------
-void EncodedCore::pack(const at::Tensor& tensor) {
+namespace {
+at::Tensor alias_to_keep(const at::Tensor& tensor, bool callers) {
+  return callers ? tensor.detach() : tensor;
+}
+}  // namespace
+
+void EncodedCore::pack(const at::Tensor& tensor, bool callers) {
   std::lock_guard<std::mutex> lock(mutex);
   if (deferred) {
-    original = tensor;
+    original = alias_to_keep(tensor, callers);
   } else {
-    encode_locked(tensor);
+    encode_locked(tensor, callers);
   }
 }
 
-void EncodedCore::encode_locked(const at::Tensor& tensor) {
+void EncodedCore::encode_locked(const at::Tensor& tensor, bool callers) {
   Encoded made = codec->encode(tensor);
   if (made.kept.empty()) {  // not encodable after all: keep it as it is
-    original = tensor;
+    original = alias_to_keep(tensor, callers);
     deferred = true;
     return;
   }
@@ -363,11 +384,11 @@ at::Tensor EncodedCore::unpack() {
   origin.check();
   std::lock_guard<std::mutex> lock(mutex);
   if (deferred) return original;
-  // in a backward pass, ReLU's node hands the mask to threshold_backward undecoded (Python
-  // code reading the slot, which holds the GIL, gets the decoded stand-in)
-  if (codec->read_in_place && encoded.memory_order && masks_read_in_place.load(std::memory_order_acquire) &&
-      torch::autograd::get_current_graph_task_id() != -1 && !python_holds_this_thread())
-    return mask_on_ghost(codec, encoded);
+  // to a derivative formula, the encoding goes undecoded where its reader is installed: ReLU's
+  // mask (in memory order) to threshold_backward, window offsets to max_pool2d's backward
+  if (codec->reader != Reader::None && (encoded.memory_order || codec->windows) &&
+      readers_installed[size_t(codec->reader)].load(std::memory_order_acquire) && read_by_a_formula_only())
+    return encoding_on_ghost(codec, encoded);
   return codec->decode(encoded);
 }
 
@@ -383,11 +404,26 @@ std::vector<at::Tensor> EncodedCore::kept() const {
 }
 
 // -- the hooks on a slot -----------------------------------------------------------------------
+// SavedVariable's fields that register_hooks sets (see hook()), in the releases whose
+// saved_variable.cpp this code follows.
+#define MEMSAVE_HOOKS_BY_FIELDS (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13 && TORCH_VERSION_MINOR <= 14)
+#if MEMSAVE_HOOKS_BY_FIELDS
+MEMSAVE_EXPOSE(SlotData, SavedVariable, data_, at::Tensor);
+MEMSAVE_EXPOSE(SlotHooks, SavedVariable, hooks_, std::unique_ptr<torch::autograd::SavedVariableHooks>);
+MEMSAVE_EXPOSE(SlotOutputNr, SavedVariable, output_nr_, uint32_t);
+MEMSAVE_EXPOSE(SlotSavedOriginal, SavedVariable, saved_original_, bool);
+MEMSAVE_EXPOSE(SlotIsLeaf, SavedVariable, is_leaf_, bool);
+MEMSAVE_EXPOSE(SlotIsOutput, SavedVariable, is_output_, bool);
+MEMSAVE_EXPOSE(SlotGradFn, SavedVariable, grad_fn_, NodePtr);
+MEMSAVE_EXPOSE(SlotGradAccumulator, SavedVariable, grad_accumulator_, NodePtr);
+MEMSAVE_EXPOSE(SlotRequiresGrad, SavedVariable, requires_grad_, bool);
+#endif
+
 namespace {
 class Hooks final : public torch::autograd::SavedVariableHooks {
  public:
   explicit Hooks(std::shared_ptr<HolderCore> core) : core_(std::move(core)) {}
-  void call_pack_hook(const at::Tensor& tensor) override { core_->pack(tensor); }
+  void call_pack_hook(const at::Tensor& tensor) override { core_->pack(tensor, false); }
   at::Tensor call_unpack_hook() override { return core_->unpack(); }
   // The slot as Python reads it (SavedTensor.unpack_hook / .data): what the audit tabulates,
   // and a working unpack for compiled autograd.
@@ -402,8 +438,38 @@ class Hooks final : public torch::autograd::SavedVariableHooks {
 };
 }  // namespace
 
+// What SavedVariable::register_hooks does (as torch 2.13 and 2.14 do it), less a detached alias
+// of the saved original tensor for the pack hook (a dispatched call and a TensorImpl per slot):
+// a holder that keeps the tensor makes one itself, one that only reads it does not need it.
+// Slots stock treats otherwise (no tensor, hooks already set, a forward-mode gradient), and
+// other torch releases, go through register_hooks.
 void hook(SavedVariable& slot, std::shared_ptr<HolderCore> core) {
+#if MEMSAVE_HOOKS_BY_FIELDS
+  at::Tensor& data = slot.*get(SlotData());
+  const bool original = slot.*get(SlotSavedOriginal());
+  if (!data.defined() || slot.*get(SlotHooks()) || (original && data._fw_grad(0).defined())) {
+    slot.register_hooks(std::make_unique<Hooks>(std::move(core)));
+    return;
+  }
+  auto hooks = std::make_unique<Hooks>(core);
+  {
+    at::NoGradGuard no_grad;  // as stock packs
+    core->pack(data, original);
+  }
+  if (original) {  // save_metadata, which register_hooks runs for these (the others ran it at save)
+    slot.*get(SlotOutputNr()) = data.output_nr();
+    if (slot.*get(SlotIsLeaf())) {
+      slot.*get(SlotGradAccumulator()) = torch::autograd::impl::grad_accumulator(data);
+      slot.*get(SlotRequiresGrad()) = data.requires_grad();
+    } else if (!(slot.*get(SlotIsOutput()))) {
+      slot.*get(SlotGradFn()) = data.grad_fn();
+    }
+  }
+  slot.*get(SlotHooks()) = std::move(hooks);
+  data.reset();
+#else
   slot.register_hooks(std::make_unique<Hooks>(std::move(core)));
+#endif
 }
 
 at::Tensor unpack_for_python(const std::shared_ptr<HolderCore>& core) {
@@ -452,7 +518,7 @@ void encode_unshared(Waiting& waiting) {
     std::lock_guard<std::mutex> lock(holder->mutex);
     if (!holder->deferred || !holder->original.defined()) return;
     if (!alone(holder->original, waiting.dying_holders)) return;  // something else holds it: the bits would be extra
-    holder->encode_locked(holder->original);
+    holder->encode_locked(holder->original, false);
     if (holder->deferred) return;
     made = holder->encoded.nbytes();
   } else if (NodePtr node = waiting.node.lock()) {
@@ -469,7 +535,7 @@ void encode_unshared(Waiting& waiting) {
   } else {
     return;
   }
-  for (const auto& tallies : waiting.tallies) tallies->reencode(waiting.op, kShared, waiting.codec->label, made - waiting.nbytes);
+  for (const auto& tallies : *waiting.tallies) tallies->reencode(waiting.op, kShared, waiting.codec->label, made - waiting.nbytes);
 }
 
 }  // namespace memsave

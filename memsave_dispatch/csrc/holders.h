@@ -10,6 +10,8 @@
 #include <c10/util/SmallVector.h>
 #include <torch/csrc/autograd/saved_variable.h>
 
+#include <array>
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -70,10 +72,16 @@ class Origin {
   NodePtr grad_fn_at_save_;
 };
 
+// The CPU kernels of ops.cpp that read an encoding in place, from the ghost it rides on: ReLU's
+// mask in threshold_backward, max pooling's window offsets in max_pool2d_with_indices_backward.
+enum class Reader : uint8_t { None, ThresholdBackward, MaxPool2dBackward, kCount };
+// Whether each is installed (ops.cpp sets it); an encoding goes to backward on a ghost only then.
+extern std::array<std::atomic<bool>, size_t(Reader::kCount)> readers_installed;
+
 // -- codecs as decisions use them ----------------------------------------------------------------
 struct Encoded {
   std::vector<at::Tensor> kept;
-  std::vector<int64_t> sizes, strides;  // of the stand-in backward reads
+  c10::SmallVector<int64_t, 6> sizes, strides;  // of the stand-in backward reads
   at::ScalarType dtype = at::kFloat;
   bool memory_order = false;  // bit k is the tensor's element at storage offset k (packed from it)
   int64_t nbytes() const;
@@ -91,7 +99,7 @@ struct Codec {
   Layout layout = Layout::Preserved;
   std::function<at::Tensor(const at::Tensor&)> decide;  // a bool decision of the kernel's own (else: predicate)
   double low = 0.0, high = 1.0;
-  bool read_in_place = false;  // ReLU's mask: threshold_backward may read the bits (MaskOnGhost)
+  Reader reader = Reader::None;  // the backward kernel that may read the encoding in place (EncodingOnGhost)
   // pooling offsets
   std::shared_ptr<const PoolingWindows> windows;
 
@@ -105,7 +113,10 @@ struct Codec {
 struct HolderCore {
   explicit HolderCore(Origin origin) : origin(std::move(origin)) {}
   virtual ~HolderCore() = default;
-  virtual void pack(const at::Tensor& tensor) = 0;
+  // `tensor` is the slot's tensor; `callers`: the very tensor the node saved (stock's "saved
+  // original": an input, or an output that needs no gradient), not the detached alias stock's
+  // hooks are given: a holder that keeps it keeps a detached alias of it.
+  virtual void pack(const at::Tensor& tensor, bool callers) = 0;
   virtual at::Tensor unpack() = 0;  // raises stock's error if the tensor changed in place
   virtual Label form() const = 0;
   virtual std::vector<at::Tensor> kept() const = 0;
@@ -125,7 +136,7 @@ struct Layout {
 
 struct GhostCore final : HolderCore {
   using HolderCore::HolderCore;
-  void pack(const at::Tensor& tensor) override;
+  void pack(const at::Tensor& tensor, bool callers) override;
   at::Tensor unpack() override;
   Label form() const override { return kDropped; }
   std::vector<at::Tensor> kept() const override { return {}; }
@@ -135,32 +146,30 @@ struct GhostCore final : HolderCore {
 struct EncodedCore final : HolderCore {
   EncodedCore(Origin origin, std::shared_ptr<const Codec> codec, bool deferred)
       : HolderCore(std::move(origin)), codec(std::move(codec)), deferred(deferred) {}
-  void pack(const at::Tensor& tensor) override;
+  void pack(const at::Tensor& tensor, bool callers) override;
   at::Tensor unpack() override;
   Label form() const override;
   std::vector<at::Tensor> kept() const override;
-  void encode_locked(const at::Tensor& tensor);
+  void encode_locked(const at::Tensor& tensor, bool callers);
   std::shared_ptr<const Codec> codec;
   bool deferred;  // keeps the tensor until it is unshared
   at::Tensor original;  // while deferred (or where the codec could not encode it)
   Encoded encoded;
 };
 
-// A ReLU mask handed to backward undecoded: on the TensorImpl of a ghost with the output's
-// layout, whose values are not read. The kernel of threshold_backward (ops.cpp) reads the bits
-// where the ghost comes in as `self`; anything else decodes them first.
-struct MaskOnGhost final : c10::BackendMeta {
-  MaskOnGhost(std::shared_ptr<const Codec> codec, Encoded encoded) : codec(std::move(codec)), encoded(std::move(encoded)) {}
+// An encoding handed to backward undecoded: on the TensorImpl of a ghost with the stand-in's
+// layout, whose values are not read. The codec's reader (ops.cpp) reads the encoding where the
+// ghost comes in; anything else decodes it first.
+struct EncodingOnGhost final : c10::BackendMeta {
+  EncodingOnGhost(std::shared_ptr<const Codec> codec, Encoded encoded) : codec(std::move(codec)), encoded(std::move(encoded)) {}
   c10::intrusive_ptr<c10::BackendMeta> clone(const c10::intrusive_ptr<c10::BackendMeta>& self) const override {
-    return self;  // autograd's copy of an unpacked tensor keeps the bits
+    return self;  // autograd's copy of an unpacked tensor keeps the encoding
   }
   at::Tensor decode() const { return codec->decode(encoded); }
   std::shared_ptr<const Codec> codec;
   Encoded encoded;
 };
-const MaskOnGhost* mask_on(const at::Tensor& tensor);  // nullptr: an ordinary tensor
-// Whether threshold_backward's kernel that reads masks is installed (ops.cpp sets it).
-extern std::atomic<bool> masks_read_in_place;
+const EncodingOnGhost* encoding_on(const at::Tensor& tensor);  // nullptr: an ordinary tensor
 
 // Give `slot` hooks over `core` (this packs at once and drops the slot's own reference).
 void hook(SavedVariable& slot, std::shared_ptr<HolderCore> core);
@@ -181,7 +190,7 @@ struct Waiting {
   int64_t nbytes = 0;  // counted as kept when the call was recorded
   int dying_holders = 0;  // besides the dying tensor itself, holders of the storage dying with it
   int op = -1;
-  std::vector<std::shared_ptr<Tallies>> tallies;
+  std::shared_ptr<const TalliesList> tallies;  // of the modes active at the call
   std::shared_ptr<PendingBook> book;
   uint64_t epoch = 0;
 };

@@ -295,6 +295,7 @@ PyObject* py_push(PyObject*, PyObject* args) {
   Py_DECREF(fast);
   ThreadState& thread = thread_state();
   thread.scopes.push_back(std::move(scope));
+  thread.scopes_changed();
   tls_active = true;
   c10::impl::tls_set_dispatch_key_included(kMarker, true);
   Py_RETURN_NONE;
@@ -305,10 +306,12 @@ PyObject* py_push(PyObject*, PyObject* args) {
 PyObject* py_pop(PyObject*, PyObject* capsule) {
   auto* tallies = tallies_of(capsule);
   if (!tallies) return nullptr;
-  auto& scopes = thread_state().scopes;
+  ThreadState& thread = thread_state();
+  auto& scopes = thread.scopes;
   for (size_t i = scopes.size(); i-- > 0;) {
     if (scopes[i]->tallies == *tallies) {
       scopes.erase(scopes.begin() + i);
+      thread.scopes_changed();
       break;
     }
   }

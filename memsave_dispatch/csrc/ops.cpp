@@ -10,6 +10,7 @@
 #include "ops.h"
 
 #include "saving.h"
+#include "torch_private.h"
 
 #include <ATen/SavedTensorHooks.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -49,19 +50,11 @@ enum OpIndex : int {
 #define MEMSAVE_POOLING_SCOPES(X) \
   X(max_pool1d, false) X(max_pool2d, false) X(max_pool3d, false) X(max_pool1d_with_indices, true) X(adaptive_max_pool1d, true)
 
-namespace {
-
 // SafeKernelFunction (torch >= 2.9) only calls boxed; the KernelFunction inside calls
-// unboxed, with no boxing of the arguments. Explicit instantiation may name a private member.
-template <typename Tag, typename Tag::type Member>
-struct Expose {
-  friend typename Tag::type get(Tag) { return Member; }
-};
-struct KernelOfSafe {
-  using type = c10::KernelFunction c10::SafeKernelFunction::*;
-  friend type get(KernelOfSafe);
-};
-template struct Expose<KernelOfSafe, &c10::SafeKernelFunction::kernel_>;
+// unboxed, with no boxing of the arguments.
+MEMSAVE_EXPOSE(KernelOfSafe, c10::SafeKernelFunction, kernel_, c10::KernelFunction);
+
+namespace {
 
 const c10::KernelFunction* computed_kernel(const c10::OperatorHandle& handle,
                                           c10::DispatchKey key = c10::DispatchKey::AutogradCPU) {
@@ -79,27 +72,6 @@ void capture_stock(const char* name, const char* overload, c10::DispatchKey key 
 }
 
 // -- when a call is not plain eager ---------------------------------------------------------------
-const c10::DispatchKeySet kNotEager({
-    c10::DispatchKey::Fake,
-    c10::DispatchKey::Python,
-    c10::DispatchKey::FuncTorchDynamicLayerBackMode,
-    c10::DispatchKey::Functionalize,
-    c10::DispatchKey::Conjugate,
-    c10::DispatchKey::Negative,
-    c10::DispatchKey::ZeroTensor,
-    c10::DispatchKey::Tracer,
-    c10::DispatchKey::FuncTorchBatched,
-    c10::DispatchKey::BatchedNestedTensor,
-    c10::DispatchKey::FuncTorchVmapMode,
-    c10::DispatchKey::Batched,
-    c10::DispatchKey::VmapMode,
-    c10::DispatchKey::FuncTorchGradWrapper,
-    c10::DispatchKey::PythonTLSSnapshot,
-    c10::DispatchKey::FuncTorchDynamicLayerFrontMode,
-    c10::DispatchKey::PreDispatch,
-    c10::DispatchKey::PythonDispatcher,
-});
-
 // Tracing, functorch, Python modes and subclasses, forward-AD zero tensors, compiled autograd
 // and the user's saved-tensor hooks are the Python engine's to handle.
 bool plain_eager(c10::DispatchKeySet ks) {
@@ -220,7 +192,7 @@ std::shared_ptr<const Codec> mask_codec(Predicate predicate, Codec::Layout layou
 // all ReLU's backward (threshold_backward(grad, y, 0)) asks of y: it may read the bits in place.
 const auto kReluMask = [] {
   auto codec = std::make_shared<Codec>(*mask_codec(Predicate::NonZero, Codec::Layout::Preserved, 0.0, 1.0));
-  codec->read_in_place = true;
+  codec->reader = Reader::ThresholdBackward;
   return std::shared_ptr<const Codec>(codec);
 }();
 const auto kPositiveMask = mask_codec(Predicate::Positive, Codec::Layout::Iterator, 0.0, 1.0);
@@ -366,8 +338,9 @@ struct KeyLess {
   }
 };
 
+// (a key's length and first entry tell the operator family apart: one reader per key)
 template <class Build>
-std::shared_ptr<const Codec> window_codec(const WindowKey& key, Build&& build) {
+std::shared_ptr<const Codec> window_codec(const WindowKey& key, Reader reader, Build&& build) {
   static std::mutex mutex;
   static std::map<std::vector<int64_t>, std::shared_ptr<const Codec>, KeyLess> cache;
   std::lock_guard<std::mutex> lock(mutex);
@@ -378,6 +351,7 @@ std::shared_ptr<const Codec> window_codec(const WindowKey& key, Build&& build) {
     codec = std::make_shared<Codec>();
     codec->windows = windows;
     codec->label = windows->two_bits() ? kOffsets2Bit : kOffsetsU8;
+    codec->reader = reader;
   }
   if (cache.size() > 256) cache.clear();
   return cache[std::vector<int64_t>(key.begin(), key.end())] = codec;
@@ -406,7 +380,9 @@ std::shared_ptr<const Codec> regular_window_codec(const at::Tensor& input, const
   const Extents pad = expand(padding, N), dil = expand(dilation, N);
   WindowKey key{0};
   for (const Extents* part : {&in, &out, &kernel, &step, &pad, &dil}) key.append(part->begin(), part->end());
-  return window_codec(key, [&] { return regular_windows(in, out, kernel, step, pad, dil); });
+  // max_pool2d's backward reads the offsets in place (max_pool3d's decodes them)
+  const Reader reader = N == 2 ? Reader::MaxPool2dBackward : Reader::None;
+  return window_codec(key, reader, [&] { return regular_windows(in, out, kernel, step, pad, dil); });
 }
 
 template <size_t N>
@@ -415,7 +391,7 @@ std::shared_ptr<const Codec> adaptive_window_codec(const at::Tensor& input, cons
   WindowKey key{1};
   key.append(in.begin(), in.end());
   key.append(out.begin(), out.end());
-  return window_codec(key, [&] { return adaptive_windows(in, out); });
+  return window_codec(key, Reader::None, [&] { return adaptive_windows(in, out); });
 }
 
 // -- the rules (ops/*.py) ---------------------------------------------------------------------------
@@ -875,52 +851,95 @@ struct Kernel<Op, Ret(Args...)> {
   }
 };
 
-// -- ReLU's backward from its mask ----------------------------------------------------------------------------
-// threshold_backward(grad, y, 0) is grad where y > 0 (or NaN), else +0: where `y` is a ghost
-// carrying y's mask (MaskOnGhost), the bits answer that in one pass over grad, and the output
-// is laid out as stock's (the same TensorIterator configuration as its structured kernel).
-// Any other call gets stock's CPU kernel (with the mask decoded, where a ghost comes otherwise).
-struct ThresholdBackwardCpu {
+// -- backward kernels that read an encoding in place ------------------------------------------------
+// CPU kernels installed over stock's for two backward operators: where an input is a ghost
+// carrying an encoding (EncodingOnGhost, handed out by EncodedCore::unpack to a derivative
+// formula only), they compute from the encoding in one pass; any other call gets stock's CPU
+// kernel (with the encoding decoded, where a ghost comes in a form this kernel does not take).
+template <class Op, class Sig = typename Op::schema>
+struct StockCpu;
+template <class Op, class Ret, class... Args>
+struct StockCpu<Op, Ret(Args...)> {
   static inline const c10::OperatorHandle* handle = nullptr;
   static inline const c10::KernelFunction* stock = nullptr;
+  static Ret call(c10::DispatchKeySet ks, Args... args) {
+    return stock->template call<Ret, Args...>(*handle, ks, std::forward<Args>(args)...);
+  }
 };
 
-at::Tensor stock_threshold_backward(c10::DispatchKeySet ks, const at::Tensor& grad, const at::Tensor& self,
-                                    const at::Scalar& threshold) {
-  return ThresholdBackwardCpu::stock->call<at::Tensor, const at::Tensor&, const at::Tensor&, const at::Scalar&>(
-      *ThresholdBackwardCpu::handle, ks, grad, self, threshold);
+bool plain_strided_cpu(const at::Tensor& t) {
+  return t.defined() && t.layout() == at::kStrided && t.device().is_cpu() && (t.key_set() & kNotEager).empty() &&
+         !t.is_conj() && !t.is_neg();
 }
 
+bool float_or_double(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble;
+}
+
+// threshold_backward(grad, y, 0) is grad where y > 0 (or NaN), else +0: where `y` is a ghost
+// carrying y's mask, the bits answer that in one pass over grad, and the output is laid out as
+// stock's (the same TensorIterator configuration as its structured kernel).
+using ThresholdBackwardCpu = StockCpu<at::_ops::threshold_backward>;
+
 bool reads_mask_in_place(const at::Tensor& grad, const at::Tensor& self, const at::Scalar& threshold) {
-  const at::ScalarType dtype = self.scalar_type();
-  return threshold.toDouble() == 0.0 && (dtype == at::kFloat || dtype == at::kDouble) && grad.defined() &&
-         grad.scalar_type() == dtype && grad.layout() == at::kStrided && grad.device().is_cpu() &&
-         grad.sizes().equals(self.sizes()) && (grad.key_set() & kNotEager).empty() && !grad.is_conj() && !grad.is_neg();
+  return threshold.toDouble() == 0.0 && float_or_double(self.scalar_type()) && plain_strided_cpu(grad) &&
+         grad.scalar_type() == self.scalar_type() && grad.sizes().equals(self.sizes());
 }
 
 at::Tensor threshold_backward_cpu(c10::DispatchKeySet ks, const at::Tensor& grad, const at::Tensor& self,
                                   const at::Scalar& threshold) {
   if (C10_UNLIKELY(self.unsafeGetTensorImpl()->get_backend_meta() != nullptr)) {
-    if (const MaskOnGhost* mask = mask_on(self)) {
+    if (const EncodingOnGhost* mask = encoding_on(self)) {
       if (reads_mask_in_place(grad, self, threshold)) return select_by_bits(mask->encoded.kept[0], self, grad);
-      return stock_threshold_backward(ks, grad, mask->decode(), threshold);
+      return ThresholdBackwardCpu::call(ks, grad, mask->decode(), threshold);
     }
   }
-  return stock_threshold_backward(ks, grad, self, threshold);
+  return ThresholdBackwardCpu::call(ks, grad, self, threshold);
+}
+
+// max_pool2d_with_indices_backward(grad, x, ..., indices) adds each output's gradient where its
+// index points: where `indices` is a ghost carrying their window offsets (row-major) and stock
+// would take its contiguous loop (x and grad suggesting the contiguous format), the offsets
+// point there themselves.
+using MaxPool2dBackwardCpu = StockCpu<at::_ops::max_pool2d_with_indices_backward>;
+
+bool reads_offsets_in_place(const at::Tensor& grad, const at::Tensor& self, const EncodingOnGhost& offsets) {
+  const at::ScalarType dtype = self.scalar_type();
+  return float_or_double(dtype) && plain_strided_cpu(grad) && grad.scalar_type() == dtype &&
+         (self.dim() == 3 || self.dim() == 4) && grad.sizes().equals(offsets.encoded.sizes) &&
+         row_major(offsets.encoded.sizes, offsets.encoded.strides) &&
+         self.suggest_memory_format() == at::MemoryFormat::Contiguous &&
+         grad.suggest_memory_format() == at::MemoryFormat::Contiguous;
+}
+
+at::Tensor max_pool2d_backward_cpu(c10::DispatchKeySet ks, const at::Tensor& grad, const at::Tensor& self,
+                                   at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, bool ceil_mode, const at::Tensor& indices) {
+  if (C10_UNLIKELY(indices.unsafeGetTensorImpl()->get_backend_meta() != nullptr)) {
+    if (const EncodingOnGhost* offsets = encoding_on(indices)) {
+      if (reads_offsets_in_place(grad, self, *offsets))
+        return scatter_by_offsets(offsets->encoded.kept, *offsets->codec->windows, grad, self.sizes());
+      return MaxPool2dBackwardCpu::call(ks, grad, self, kernel_size, stride, padding, dilation, ceil_mode,
+                                        offsets->decode());
+    }
+  }
+  return MaxPool2dBackwardCpu::call(ks, grad, self, kernel_size, stride, padding, dilation, ceil_mode, indices);
 }
 
 std::unique_ptr<torch::Library> cpu_library;
 
-void install_threshold_backward() {
-  if (cpu_library) return;
-  capture_stock<ThresholdBackwardCpu>("aten::threshold_backward", "", c10::DispatchKey::CPU);
-  cpu_library = std::make_unique<torch::Library>(torch::Library::IMPL, "aten", c10::DispatchKey::CPU, __FILE__, __LINE__);
-  cpu_library->impl("threshold_backward", torch::CppFunction::makeFromUnboxedFunction(&threshold_backward_cpu));
-  masks_read_in_place.store(true, std::memory_order_release);
+template <class Op, class Fn>
+void install_reader(Reader reader, Fn* kernel) {
+  if (readers_installed[size_t(reader)].load(std::memory_order_acquire)) return;
+  capture_stock<StockCpu<Op>>(Op::name, Op::overload_name, c10::DispatchKey::CPU);
+  if (!cpu_library)
+    cpu_library = std::make_unique<torch::Library>(torch::Library::IMPL, "aten", c10::DispatchKey::CPU, __FILE__, __LINE__);
+  cpu_library->impl(Op::name, torch::CppFunction::makeFromUnboxedFunction(kernel));
+  readers_installed[size_t(reader)].store(true, std::memory_order_release);
 }
 
-void uninstall_threshold_backward() {
-  masks_read_in_place.store(false, std::memory_order_release);
+void uninstall_readers() {
+  for (auto& installed : readers_installed) installed.store(false, std::memory_order_release);
   cpu_library.reset();
 }
 
@@ -1004,13 +1023,16 @@ void install(const std::vector<int>& ops) {
       install_pooling_scopes(*library);
       pooling_scopes_installed = true;
     }
-    if (op == k_relu || op == k_relu_) install_threshold_backward();
+    if (op == k_relu || op == k_relu_)
+      install_reader<at::_ops::threshold_backward>(Reader::ThresholdBackward, &threshold_backward_cpu);
+    if (op == k_max_pool2d_with_indices)
+      install_reader<at::_ops::max_pool2d_with_indices_backward>(Reader::MaxPool2dBackward, &max_pool2d_backward_cpu);
   }
 }
 
 void uninstall() {
   std::lock_guard<std::mutex> lock(install_mutex);
-  uninstall_threshold_backward();
+  uninstall_readers();
   library.reset();
   installed.assign(installed.size(), false);
   pooling_scopes_installed = false;

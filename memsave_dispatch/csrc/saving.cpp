@@ -16,11 +16,8 @@ void CallSite::handled(const Outcome& outcome) const {
     scope->tallies->add_handled(op, entry->family, outcome.stock_bytes, outcome.kept_bytes, outcome.labels);
 }
 
-std::vector<std::shared_ptr<Tallies>> CallSite::tallies() const {
-  std::vector<std::shared_ptr<Tallies>> all;
-  all.reserve(thread->scopes.size());
-  for (const auto& scope : thread->scopes) all.push_back(scope->tallies);
-  return all;
+std::shared_ptr<const TalliesList> CallSite::tallies() const {
+  return thread->tallies;
 }
 
 namespace {

@@ -39,7 +39,7 @@ struct CallSite {
   ThreadState* thread;
   void to_stock(Reason reason) const;
   void handled(const Outcome& outcome) const;
-  std::vector<std::shared_ptr<Tallies>> tallies() const;
+  std::shared_ptr<const TalliesList> tallies() const;
 };
 
 Outcome apply(const NodePtr& node, const Decisions& saved, const Outputs& outputs, const CallSite& site);
