@@ -521,6 +521,19 @@ const std::array<uint64_t, 256> kSpreadBits = [] {
   return table;
 }();
 
+// The window positions of row-major elements c0..c1-1 (c1 - c0 <= kBlock), a byte each: the byte
+// plane itself, or the two bit planes spread into `buffer` (kBlock + 8 bytes) from the byte
+// holding c0's bits.
+inline const uint8_t* positions_at(const uint8_t* low, const uint8_t* high, int64_t c0, int64_t c1, uint8_t* buffer) {
+  if (!high) return low + c0;
+  const int64_t first = c0 & ~int64_t(7);
+  for (int64_t i = first; i < c1; i += 8) {
+    const uint64_t eight = kSpreadBits[low[i >> 3]] | (kSpreadBits[high[i >> 3]] << 1);
+    std::memcpy(buffer + (i - first), &eight, 8);
+  }
+  return buffer + (c0 - first);
+}
+
 // One run of row-major elements whose windows start at origin[0..n-1]: their window
 // positions (255: outside it), and back from positions to indices.
 inline void positions_run(const int64_t* index, const int64_t* origin, int64_t low, const uint8_t* offset_of,
@@ -676,18 +689,10 @@ at::Tensor decode_offsets(const std::vector<at::Tensor>& kept, const PoolingWind
   at::parallel_for(0, (n + 7) / 8, kGrain / 8, [&](int64_t b0, int64_t b1) {
     const int64_t e0 = b0 * 8, e1 = std::min(n, b1 * 8);
     if (planar) {
-      uint8_t buffer[kBlock];
+      uint8_t buffer[kBlock + 8];
       for (int64_t c0 = e0; c0 < e1; c0 += kBlock) {
         const int64_t c1 = std::min(e1, c0 + kBlock);
-        const uint8_t* positions = low + c0;
-        if (two_bits) {
-          for (int64_t i = 0; i < c1 - c0; i += 8) {
-            const uint64_t eight = kSpreadBits[low[(c0 + i) >> 3]] | (kSpreadBits[high[(c0 + i) >> 3]] << 1);
-            std::memcpy(buffer + i, &eight, 8);
-          }
-          positions = buffer;
-        }
-        indices_of(positions, windows, c0, c1, dst);
+        indices_of(positions_at(low, high, c0, c1, buffer), windows, c0, c1, dst);
       }
       return;
     }
@@ -702,8 +707,8 @@ at::Tensor decode_offsets(const std::vector<at::Tensor>& kept, const PoolingWind
 }
 
 namespace {
-// One task's planes: window positions unpacked a block at a time (a byte of each bit plane
-// spreads to eight positions), then each output's gradient added at its origin + delta.
+// One task's planes: window positions unpacked a block at a time, then each output's gradient
+// added at its origin + delta.
 template <class T>
 void scatter_planes(const uint8_t* low, const uint8_t* high, const PoolingWindows& windows, const T* grad_output,
                     T* grad_input, int64_t planes, int64_t in_plane) {
@@ -718,15 +723,7 @@ void scatter_planes(const uint8_t* low, const uint8_t* high, const PoolingWindow
       const int64_t e0 = p * out_plane, e1 = e0 + out_plane;
       for (int64_t c0 = e0; c0 < e1; c0 += kBlock) {
         const int64_t c1 = std::min(e1, c0 + kBlock);
-        const uint8_t* positions = low + c0;
-        if (high) {
-          const int64_t first = c0 & ~int64_t(7);  // from the byte holding c0's bits
-          for (int64_t i = first; i < c1; i += 8) {
-            const uint64_t eight = kSpreadBits[low[i >> 3]] | (kSpreadBits[high[i >> 3]] << 1);
-            std::memcpy(buffer + (i - first), &eight, 8);
-          }
-          positions = buffer + (c0 - first);
-        }
+        const uint8_t* positions = positions_at(low, high, c0, c1, buffer);
         const int64_t* origin = origins + (c0 - e0);
         const T* grad = grad_output + c0;
         for (int64_t r = 0; r < c1 - c0; ++r) {

@@ -62,6 +62,21 @@ const c10::KernelFunction* computed_kernel(const c10::OperatorHandle& handle,
   return new c10::KernelFunction(safe.*get(KernelOfSafe()));  // kept for the process: kernels may still run it
 }
 
+// An operator's handle and its kernel at some key before anything overrode it (capture_stock),
+// one pair per Owner: each of the engine's kernels, and the stock CPU kernels the readers call.
+template <class Owner, class Sig>
+struct Captured;
+template <class Owner, class Ret, class... Args>
+struct Captured<Owner, Ret(Args...)> {
+  static inline const c10::OperatorHandle* handle = nullptr;
+  static inline const c10::KernelFunction* stock = nullptr;
+  // `kernel` with the arguments exactly as received (unboxed)
+  static Ret call(const c10::KernelFunction* kernel, c10::DispatchKeySet ks, Args... args) {
+    return kernel->template call<Ret, Args...>(*handle, ks, std::forward<Args>(args)...);
+  }
+  static Ret call_stock(c10::DispatchKeySet ks, Args... args) { return call(stock, ks, std::forward<Args>(args)...); }
+};
+
 // K::handle and K::stock: the operator, and its kernel at `key` before anything overrode it.
 template <class K>
 void capture_stock(const char* name, const char* overload, c10::DispatchKey key = c10::DispatchKey::AutogradCPU) {
@@ -706,11 +721,10 @@ class OutputsHeld {
 template <class Op, bool Holds, class Sig = typename Op::schema>
 struct PoolingScope;
 template <class Op, bool Holds, class Ret, class... Args>
-struct PoolingScope<Op, Holds, Ret(Args...)> {
-  static inline const c10::OperatorHandle* handle = nullptr;
-  static inline const c10::KernelFunction* stock = nullptr;
+struct PoolingScope<Op, Holds, Ret(Args...)> : Captured<PoolingScope<Op, Holds>, Ret(Args...)> {
+  using Base = Captured<PoolingScope<Op, Holds>, Ret(Args...)>;
   static Ret fn(c10::DispatchKeySet ks, Args... args) {
-    if (C10_LIKELY(!tls_active)) return stock->template call<Ret, Args...>(*handle, ks, std::forward<Args>(args)...);
+    if (C10_LIKELY(!tls_active)) return Base::call_stock(ks, std::forward<Args>(args)...);
     ThreadState& thread = thread_state();
     const bool outermost = thread.pooling_depth++ == 0;
     if (outermost) thread.pooling_holds = Holds;
@@ -721,7 +735,7 @@ struct PoolingScope<Op, Holds, Ret(Args...)> {
         if (--thread.pooling_depth == 0 && outermost) thread.pooling_waiting.clear();
       }
     } leave{thread, outermost};
-    Ret result = stock->template call<Ret, Args...>(*handle, ks, std::forward<Args>(args)...);
+    Ret result = Base::call_stock(ks, std::forward<Args>(args)...);
     if constexpr (Holds) {
       if (outermost) {
         const at::Tensor& returned = std::get<1>(result);
@@ -762,16 +776,14 @@ constexpr bool kKeepsNoInput =
 template <class Op, class Sig = typename Op::schema>
 struct Kernel;
 template <class Op, class Ret, class... Args>
-struct Kernel<Op, Ret(Args...)> {
+struct Kernel<Op, Ret(Args...)> : Captured<Kernel<Op>, Ret(Args...)> {
+  using Base = Captured<Kernel<Op>, Ret(Args...)>;
+  using Base::call;
+  using Base::handle;
+  using Base::stock;  // stock's AutogradCPU kernel
   static inline int index = -1;
-  static inline const c10::OperatorHandle* handle = nullptr;
-  static inline const c10::KernelFunction* stock = nullptr;  // captured before anything overrode it
   static inline const c10::KernelFunction* next = nullptr;  // the Python engine's kernel
   static constexpr bool kInPlace = std::is_same_v<std::tuple_element_t<0, std::tuple<Args...>>, at::Tensor&>;
-
-  static Ret call(const c10::KernelFunction* kernel, c10::DispatchKeySet ks, Args... args) {
-    return kernel->template call<Ret, Args...>(*handle, ks, std::forward<Args>(args)...);
-  }
 
   static Ret fn(c10::DispatchKeySet ks, Args... args) {
     if (C10_LIKELY(!tls_active)) {
@@ -856,16 +868,8 @@ struct Kernel<Op, Ret(Args...)> {
 // carrying an encoding (EncodingOnGhost, handed out by EncodedCore::unpack to a derivative
 // formula only), they compute from the encoding in one pass; any other call gets stock's CPU
 // kernel (with the encoding decoded, where a ghost comes in a form this kernel does not take).
-template <class Op, class Sig = typename Op::schema>
-struct StockCpu;
-template <class Op, class Ret, class... Args>
-struct StockCpu<Op, Ret(Args...)> {
-  static inline const c10::OperatorHandle* handle = nullptr;
-  static inline const c10::KernelFunction* stock = nullptr;
-  static Ret call(c10::DispatchKeySet ks, Args... args) {
-    return stock->template call<Ret, Args...>(*handle, ks, std::forward<Args>(args)...);
-  }
-};
+template <class Op>
+struct StockCpu : Captured<StockCpu<Op>, typename Op::schema> {};
 
 bool plain_strided_cpu(const at::Tensor& t) {
   return t.defined() && t.layout() == at::kStrided && t.device().is_cpu() && (t.key_set() & kNotEager).empty() &&
@@ -891,10 +895,10 @@ at::Tensor threshold_backward_cpu(c10::DispatchKeySet ks, const at::Tensor& grad
   if (C10_UNLIKELY(self.unsafeGetTensorImpl()->get_backend_meta() != nullptr)) {
     if (const EncodingOnGhost* mask = encoding_on(self)) {
       if (reads_mask_in_place(grad, self, threshold)) return select_by_bits(mask->encoded.kept[0], self, grad);
-      return ThresholdBackwardCpu::call(ks, grad, mask->decode(), threshold);
+      return ThresholdBackwardCpu::call_stock(ks, grad, mask->decode(), threshold);
     }
   }
-  return ThresholdBackwardCpu::call(ks, grad, self, threshold);
+  return ThresholdBackwardCpu::call_stock(ks, grad, self, threshold);
 }
 
 // max_pool2d_with_indices_backward(grad, x, ..., indices) adds each output's gradient where its
@@ -919,11 +923,11 @@ at::Tensor max_pool2d_backward_cpu(c10::DispatchKeySet ks, const at::Tensor& gra
     if (const EncodingOnGhost* offsets = encoding_on(indices)) {
       if (reads_offsets_in_place(grad, self, *offsets))
         return scatter_by_offsets(offsets->encoded.kept, *offsets->codec->windows, grad, self.sizes());
-      return MaxPool2dBackwardCpu::call(ks, grad, self, kernel_size, stride, padding, dilation, ceil_mode,
+      return MaxPool2dBackwardCpu::call_stock(ks, grad, self, kernel_size, stride, padding, dilation, ceil_mode,
                                         offsets->decode());
     }
   }
-  return MaxPool2dBackwardCpu::call(ks, grad, self, kernel_size, stride, padding, dilation, ceil_mode, indices);
+  return MaxPool2dBackwardCpu::call_stock(ks, grad, self, kernel_size, stride, padding, dilation, ceil_mode, indices);
 }
 
 std::unique_ptr<torch::Library> cpu_library;
