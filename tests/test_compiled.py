@@ -584,6 +584,38 @@ def test_max_pool_backward_reads_the_offsets_in_place_like_stock(compiled_engine
         assert a.stride() == b.stride()
 
 
+TILE_SHAPES = [(1, 1, 2, 2), (2, 3, 16, 16), (1, 2, 17, 33), (3, 1, 4, 18), (2, 2, 9, 35), (1, 1, 3, 300)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,ceil_mode", [(shape, False) for shape in TILE_SHAPES]
+                         + [(shape, True) for shape in TILE_SHAPES if shape[-1] % 2 or shape[-2] % 2])
+def test_max_pool_2x2_tiles_write_each_gradient_once_like_stock(compiled_engine, dtype, shape, ceil_mode):
+    """2x2 windows with stride 2 tile the input: the backward writes each element once, +0 plus
+    the gradient its offset points to, or +0 (eight outputs at a time where a row has them, rows
+    starting mid-byte of the bit planes; an odd last row and column stay +0). Ceil mode's
+    partial windows on an odd size are no tiles: those calls add, as before. Stock's gradient
+    bit for bit: -0.0 in the incoming gradient becomes +0 as stock's addition to +0 makes it,
+    NaN and infinities pass."""
+    x = _x(*shape, dtype=dtype, specials=True, requires_grad=False)
+    x.view(-1)[5:9] = 0.5  # ties within a window
+    x.requires_grad_(True)
+    pool = lambda t: F.max_pool2d(t, 2, ceil_mode=ceil_mode)
+    with torch.no_grad():
+        out_shape = pool(x).shape
+    grad = seeded_randn(*out_shape, seed=5, dtype=dtype)
+    grad.view(-1)[::3] = -0.0
+    grad.view(-1)[1::11] = float("nan")
+    grad.view(-1)[2::13] = float("-inf")
+    stock = _max_pool_gradients(x, grad, pool)
+    tiled_before = extension.load().tile_scatters()
+    with MemSaveMode() as mode:
+        ours = _max_pool_gradients(x, grad, pool)
+    assert "2-bit window offsets" in mode.report()["max_pool2d_with_indices"].encodings
+    assert extension.load().tile_scatters() - tiled_before == (0 if ceil_mode else 1)
+    assert_bit_identical(ours[0], stock[0], "gradient")
+
+
 def test_max_pool_offsets_read_in_place_serve_a_second_backward(compiled_engine):
     """retain_graph: the offsets stay kept, and a second backward reads them again."""
     x, grad = _x(2, 3, 8, 8), seeded_randn(2, 3, 8, 8, seed=5)

@@ -233,18 +233,22 @@ void select_run(U* out, const U* grad, const uint8_t* bits, int64_t k, int64_t n
 }
 
 #if defined(__x86_64__)
+// Lane j all ones where bit j of `bits` is set.
+__attribute__((target("avx2"))) inline __m256 lanes_of_bits(uint32_t bits) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(bits)), bit), bit));
+}
+
 // The same for 4-byte elements, 8 (one byte of bits) at a time once k is at a byte's start.
 __attribute__((target("avx2"))) void select_run_avx2(uint32_t* out, const uint32_t* grad, const uint8_t* bits,
                                                       int64_t k, int64_t n) {
   const int64_t head = std::min(n, (8 - (k & 7)) & 7);
   select_run(out, grad, bits, k, head);
   int64_t i = head;
-  const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   for (; i + 8 <= n; i += 8) {
-    const __m256i byte = _mm256_set1_epi32(bits[(k + i) >> 3]);
-    const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lanes), lanes);
-    const __m256i values = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grad + i));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_and_si256(values, keep));
+    const __m256 keep = lanes_of_bits(bits[(k + i) >> 3]);
+    const __m256 values = _mm256_loadu_ps(reinterpret_cast<const float*>(grad + i));
+    _mm256_storeu_ps(reinterpret_cast<float*>(out + i), _mm256_and_ps(values, keep));
   }
   select_run(out + i, grad + i, bits, k + i, n - i);
 }
@@ -387,6 +391,12 @@ std::shared_ptr<const PoolingWindows> regular_windows(at::IntArrayRef in_sizes, 
   auto sorted = windows->deltas;
   std::sort(sorted.begin(), sorted.end());
   if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end() || sorted.size() > 255) return nullptr;
+  const auto all = [](at::IntArrayRef values, int64_t value) {
+    return std::all_of(values.begin(), values.end(), [&](int64_t v) { return v == value; });
+  };
+  if (in_sizes.size() == 2 && all(kernel, 2) && all(stride, 2) && all(padding, 0) && all(dilation, 1) &&
+      2 * out_sizes[0] <= in_sizes[0] && 2 * out_sizes[1] <= in_sizes[1])
+    windows->tiles = {in_sizes[0], in_sizes[1], out_sizes[0], out_sizes[1]};
   return finish(std::move(windows));
 }
 
@@ -489,9 +499,10 @@ void for_each_window(const PoolingWindows& windows, const MemoryWalk& walk, int6
 }
 
 // Where the tensor is row-major, the window of element e is the plane's table entry
-// e % plane (windows.origins): a task goes through its elements in blocks, a plane at a time
-// (no memory walk, no division per element), with one byte of window position per element in a buffer
-// that the bit planes are packed from, or unpacked into.
+// e % plane (windows.origins): a task goes through its elements a plane at a time (no memory
+// walk, no division per element). Packing writes a position byte per element, or a byte of
+// each bit plane per eight elements; unpacking the bit planes goes in blocks, through one byte
+// of window position per element in a buffer.
 constexpr int64_t kBlock = 4096;  // elements: a multiple of 8 (whole bytes of the bit planes)
 static_assert(kBlock % 8 == 0);
 
@@ -549,21 +560,49 @@ inline void indices_run(const uint8_t* position, const int64_t* origin, const in
 #if defined(__x86_64__)
 // Four elements at a time: the table read by a gather (4 bytes from each entry: offset_of is
 // padded), its first byte kept.
+struct FourPositions {
+  __m256i low, beyond, zero;
+  __m128i first_bytes;
+  const uint8_t* offset_of;
+  __attribute__((target("avx2"))) FourPositions(int64_t low_step, int64_t beyond_step, const uint8_t* table)
+      : low(_mm256_set1_epi64x(low_step)), beyond(_mm256_set1_epi64x(beyond_step)), zero(_mm256_setzero_si256()),
+        first_bytes(_mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1)), offset_of(table) {}
+  __attribute__((target("avx2"))) uint32_t operator()(const int64_t* index, const int64_t* origin) const {
+    const __m256i at = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(index));
+    const __m256i start = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(origin));
+    __m256i step = _mm256_sub_epi64(_mm256_sub_epi64(at, start), low);
+    const __m256i outside = _mm256_or_si256(_mm256_cmpgt_epi64(zero, step), _mm256_cmpgt_epi64(step, beyond));
+    step = _mm256_blendv_epi8(step, beyond, outside);
+    const __m128i entries = _mm256_i64gather_epi32(reinterpret_cast<const int*>(offset_of), step, 1);
+    return uint32_t(_mm_cvtsi128_si32(_mm_shuffle_epi8(entries, first_bytes)));
+  }
+};
+
 __attribute__((target("avx2"))) int64_t positions_run_avx2(const int64_t* index, const int64_t* origin, int64_t low,
                                                            const uint8_t* offset_of, int64_t beyond,
                                                            uint8_t* position, int64_t n) {
-  const __m256i low_v = _mm256_set1_epi64x(low), beyond_v = _mm256_set1_epi64x(beyond), zero = _mm256_setzero_si256();
-  const __m128i first_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const FourPositions four(low, beyond, offset_of);
   int64_t r = 0;
   for (; r + 4 <= n; r += 4) {
-    const __m256i at = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(index + r));
-    const __m256i start = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(origin + r));
-    __m256i step = _mm256_sub_epi64(_mm256_sub_epi64(at, start), low_v);
-    const __m256i outside = _mm256_or_si256(_mm256_cmpgt_epi64(zero, step), _mm256_cmpgt_epi64(step, beyond_v));
-    step = _mm256_blendv_epi8(step, beyond_v, outside);
-    const __m128i entries = _mm256_i64gather_epi32(reinterpret_cast<const int*>(offset_of), step, 1);
-    const uint32_t four = uint32_t(_mm_cvtsi128_si32(_mm_shuffle_epi8(entries, first_bytes)));
-    std::memcpy(position + r, &four, 4);
+    const uint32_t positions = four(index + r, origin + r);
+    std::memcpy(position + r, &positions, 4);
+  }
+  return r;
+}
+
+// Eight elements at a time, the first at bit 0 of a byte: their positions, then the low and
+// high bits of those as a byte of each plane. Returns how many elements it took (whole bytes),
+// or -1 where an element's index lies outside its window.
+__attribute__((target("avx2"))) int64_t bit_planes_run_avx2(const int64_t* index, const int64_t* origin, int64_t low,
+                                                            const uint8_t* offset_of, int64_t beyond,
+                                                            uint8_t* low_bits, uint8_t* high_bits, int64_t n) {
+  const FourPositions four(low, beyond, offset_of);
+  int64_t r = 0;
+  for (; r + 8 <= n; r += 8) {
+    const uint64_t eight = four(index + r, origin + r) | uint64_t(four(index + r + 4, origin + r + 4)) << 32;
+    if (eight & ~(kLowBitOfEachByte * 3)) return -1;  // a position past 3: outside (255)
+    low_bits[r >> 3] = gather_bits(eight);
+    high_bits[r >> 3] = gather_bits(eight >> 1);
   }
   return r;
 }
@@ -582,6 +621,56 @@ __attribute__((target("avx2"))) int64_t indices_run_avx2(const uint8_t* position
   return r;
 }
 #endif
+
+// The two bit planes of row-major elements e0..e1-1 (e0 a multiple of 8) into their bytes of
+// `low` and `high`, the last byte's missing elements 0: a whole byte of each at a time, from
+// eight positions (four per gather with AVX2). False where an index lies outside its window.
+bool bit_planes_of(const int64_t* indices, const PoolingWindows& windows, int64_t e0, int64_t e1, uint8_t* low,
+                   uint8_t* high) {
+  const size_t bytes = size_t((e1 - e0 + 7) / 8);
+  std::memset(low + e0 / 8, 0, bytes);
+  std::memset(high + e0 / 8, 0, bytes);
+  const int64_t* origins = windows.origins.data();
+  const uint8_t* offset_of = windows.offset_of.data();
+  const uint64_t beyond = uint64_t(windows.beyond);
+  bool inside = true;
+  for_plane_runs(e0, e1, int64_t(windows.origins.size()), [&](int64_t e, int64_t k, int64_t run) {
+    const auto position = [&](int64_t r) -> uint64_t {
+      return offset_of[std::min(uint64_t(indices[e + r] - origins[k + r] - windows.low), beyond)];
+    };
+    const auto one = [&](int64_t r) {  // an element of a byte the run shares with its neighbour
+      const uint64_t o = position(r);
+      inside &= o != 255;
+      low[(e + r) >> 3] |= uint8_t((o & 1) << ((e + r) & 7));
+      high[(e + r) >> 3] |= uint8_t(((o >> 1) & 1) << ((e + r) & 7));
+    };
+    int64_t r = 0;
+    for (; r < run && ((e + r) & 7); ++r) one(r);  // up to a byte's start
+#if defined(__x86_64__)
+    if (kAvx2 && r < run) {
+      const int64_t took = bit_planes_run_avx2(indices + e + r, origins + k + r, windows.low, offset_of, windows.beyond,
+                                               low + ((e + r) >> 3), high + ((e + r) >> 3), run - r);
+      if (took < 0) {
+        inside = false;
+        return;
+      }
+      r += took;
+    }
+#endif
+    for (; r + 8 <= run; r += 8) {
+      uint64_t eight = 0;
+      for (int j = 0; j < 8; ++j) eight |= position(r + j) << (8 * j);
+      if (eight & ~(kLowBitOfEachByte * 3)) {  // a position past 3: outside (255)
+        inside = false;
+        return;
+      }
+      low[(e + r) >> 3] = gather_bits(eight);
+      high[(e + r) >> 3] = gather_bits(eight >> 1);
+    }
+    for (; r < run; ++r) one(r);
+  });
+  return inside;
+}
 
 // Window positions of row-major elements e0..e1-1 into `out` (255: outside the window).
 void positions_of(const int64_t* indices, const PoolingWindows& windows, int64_t e0, int64_t e1, uint8_t* out) {
@@ -628,24 +717,14 @@ std::vector<at::Tensor> encode_offsets(const at::Tensor& indices, const PoolingW
   at::parallel_for(0, units, two_bits ? kGrain / 8 : kGrain, [&](int64_t u0, int64_t u1) {
     const int64_t e0 = u0 * per_task_unit, e1 = std::min(n, u1 * per_task_unit);
     if (planar) {
-      uint8_t buffer[kBlock + 8];
-      for (int64_t b0 = e0; b0 < e1; b0 += kBlock) {
-        const int64_t b1 = std::min(e1, b0 + kBlock), count = b1 - b0;
-        uint8_t* positions = two_bits ? buffer : low_bits + b0;
-        positions_of(src, windows, b0, b1, positions);
-        if (std::memchr(positions, 255, count)) {
-          outside.store(true, std::memory_order_relaxed);
-          return;
-        }
-        if (!two_bits) continue;
-        std::memset(buffer + count, 0, 8);  // the last byte's missing elements
-        for (int64_t i = 0; i < count; i += 8) {
-          uint64_t eight;
-          std::memcpy(&eight, buffer + i, 8);
-          low_bits[(b0 + i) >> 3] = gather_bits(eight);
-          high_bits[(b0 + i) >> 3] = gather_bits(eight >> 1);
-        }
+      bool inside;
+      if (two_bits) {
+        inside = bit_planes_of(src, windows, e0, e1, low_bits, high_bits);
+      } else {
+        positions_of(src, windows, e0, e1, low_bits + e0);
+        inside = !std::memchr(low_bits + e0, 255, size_t(e1 - e0));
       }
+      if (!inside) outside.store(true, std::memory_order_relaxed);
       return;
     }
     if (two_bits) {
@@ -734,6 +813,86 @@ void scatter_planes(const uint8_t* low, const uint8_t* high, const PoolingWindow
     }
   });
 }
+
+}  // namespace
+
+std::atomic<int64_t> tile_scatters{0};
+
+namespace {
+// Eight bits of a bit plane from element e on.
+inline uint32_t eight_bits(const uint8_t* plane, int64_t e) {
+  const int shift = int(e & 7);
+  if (!shift) return plane[e >> 3];
+  return ((uint32_t(plane[e >> 3]) | uint32_t(plane[(e >> 3) + 1]) << 8) >> shift) & 0xFF;
+}
+
+#if defined(__x86_64__)
+// Sixteen elements of a row of tiles: eight values each to the left or right of its tile.
+__attribute__((target("avx2"))) inline void store_tile_row(float* row, __m256 value, __m256 is_right) {
+  const __m256 left = _mm256_andnot_ps(is_right, value), right = _mm256_and_ps(is_right, value);
+  const __m256 first = _mm256_unpacklo_ps(left, right), second = _mm256_unpackhi_ps(left, right);
+  _mm256_storeu_ps(row, _mm256_permute2f128_ps(first, second, 0x20));
+  _mm256_storeu_ps(row + 8, _mm256_permute2f128_ps(first, second, 0x31));
+}
+
+// A plane's rows of tiles, eight outputs at a time up to the last whole eight of a row: each
+// gradient (plus +0, as stock adds it to +0) to the tile position its bits name, +0 to the
+// other three, 16 elements of the row's top and bottom input rows. Returns the outputs of a
+// row it took.
+__attribute__((target("avx2"))) int64_t tile_rows_avx2(const uint8_t* low, const uint8_t* high,
+                                                       const PoolingWindows::Tiles& tiles, int64_t e0,
+                                                       const float* grad, float* plane) {
+  const int64_t taken = tiles.out_width & ~int64_t(7), width = tiles.in_width;
+  for (int64_t oh = 0; oh < tiles.out_height; ++oh) {
+    float* top = plane + 2 * oh * width;
+    const int64_t e = e0 + oh * tiles.out_width;
+    for (int64_t ow = 0; ow < taken; ow += 8) {
+      const __m256 is_right = lanes_of_bits(eight_bits(low, e + ow)), is_lower = lanes_of_bits(eight_bits(high, e + ow));
+      const __m256 value = _mm256_add_ps(_mm256_loadu_ps(grad + (e - e0) + ow), _mm256_setzero_ps());
+      store_tile_row(top + 2 * ow, _mm256_andnot_ps(is_lower, value), is_right);
+      store_tile_row(top + width + 2 * ow, _mm256_and_ps(is_lower, value), is_right);
+    }
+  }
+  return taken;
+}
+#endif
+
+// Planes of tiles, each input element written once.
+template <class T>
+void scatter_tiles(const uint8_t* low, const uint8_t* high, const PoolingWindows::Tiles& tiles, const T* grad_output,
+                   T* grad_input, int64_t planes) {
+  const int64_t height = tiles.in_height, width = tiles.in_width, rows = tiles.out_height, columns = tiles.out_width;
+  const int64_t out_plane = rows * columns;
+  at::parallel_for(0, planes, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, out_plane)), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      T* plane = grad_input + p * height * width;
+      const int64_t e0 = p * out_plane;
+      int64_t taken = 0;  // outputs of each row written already
+#if defined(__x86_64__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (kAvx2) taken = tile_rows_avx2(low, high, tiles, e0, grad_output + e0, plane);
+      }
+#endif
+      for (int64_t oh = 0; oh < rows; ++oh) {
+        T* top = plane + 2 * oh * width;
+        T* bottom = top + width;
+        for (int64_t ow = taken; ow < columns; ++ow) {
+          const int64_t e = e0 + oh * columns + ow;
+          const bool right = (low[e >> 3] >> (e & 7)) & 1, lower = (high[e >> 3] >> (e & 7)) & 1;
+          const T value = grad_output[e] + T(0);
+          top[2 * ow] = !lower && !right ? value : T(0);
+          top[2 * ow + 1] = !lower && right ? value : T(0);
+          bottom[2 * ow] = lower && !right ? value : T(0);
+          bottom[2 * ow + 1] = lower && right ? value : T(0);
+        }
+        std::fill(top + 2 * columns, top + width, T(0));  // an odd width's last column
+        std::fill(bottom + 2 * columns, bottom + width, T(0));
+      }
+      std::fill(plane + 2 * rows * width, plane + height * width, T(0));  // an odd height's last row
+    }
+  });
+}
+
 }  // namespace
 
 at::Tensor scatter_by_offsets(const std::vector<at::Tensor>& kept, const PoolingWindows& windows,
@@ -746,12 +905,20 @@ at::Tensor scatter_by_offsets(const std::vector<at::Tensor>& kept, const Pooling
   const int64_t in_plane = grad_input.numel() / planes;
   const uint8_t* low = kept[0].const_data_ptr<uint8_t>();
   const uint8_t* high = windows.two_bits() ? kept[1].const_data_ptr<uint8_t>() : nullptr;
+  const bool tiled = windows.tiles.in_width > 0 && windows.tiles.in_height * windows.tiles.in_width == in_plane;
+  if (tiled) tile_scatters.fetch_add(1, std::memory_order_relaxed);
   switch (grad.scalar_type()) {
     case at::kFloat:
-      scatter_planes(low, high, windows, grad.const_data_ptr<float>(), grad_input.mutable_data_ptr<float>(), planes, in_plane);
+      if (tiled)
+        scatter_tiles(low, high, windows.tiles, grad.const_data_ptr<float>(), grad_input.mutable_data_ptr<float>(), planes);
+      else
+        scatter_planes(low, high, windows, grad.const_data_ptr<float>(), grad_input.mutable_data_ptr<float>(), planes, in_plane);
       break;
     case at::kDouble:
-      scatter_planes(low, high, windows, grad.const_data_ptr<double>(), grad_input.mutable_data_ptr<double>(), planes, in_plane);
+      if (tiled)
+        scatter_tiles(low, high, windows.tiles, grad.const_data_ptr<double>(), grad_input.mutable_data_ptr<double>(), planes);
+      else
+        scatter_planes(low, high, windows, grad.const_data_ptr<double>(), grad_input.mutable_data_ptr<double>(), planes, in_plane);
       break;
     default: TORCH_INTERNAL_ASSERT(false, "memsave: no max-pool backward from offsets for ", grad.scalar_type());
   }

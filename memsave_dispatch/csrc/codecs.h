@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <memory>
 #include <vector>
 
@@ -49,6 +50,12 @@ struct PoolingWindows {
   int64_t beyond = 0;  // offset_of's entry (255) for every step below low or past the last
   std::vector<int64_t> origins;  // per output position of a plane (row-major): its window's origin
   int64_t low = 0;
+  // 2x2 windows with stride 2 and neither padding nor dilation, none reaching past the input:
+  // the input's height and width, and the output's (each input element then lies in one window
+  // at most); width 0 otherwise
+  struct Tiles {
+    int64_t in_height = 0, in_width = 0, out_height = 0, out_width = 0;
+  } tiles;
   bool two_bits() const { return deltas.size() <= 4; }
 };
 
@@ -67,8 +74,11 @@ at::Tensor decode_offsets(const std::vector<at::Tensor>& kept, const PoolingWind
 
 // max_pool2d_with_indices_backward from the offsets of row-major indices, without them: a
 // contiguous gradient of the input, +0 everywhere, then, plane by plane, each output's gradient
-// added where its offset points, in the order stock's kernel adds (float or double).
+// added where its offset points, in the order stock's kernel adds (float or double). Where the
+// windows are tiles, each element is written once: +0 plus the gradient that points there, or +0.
 at::Tensor scatter_by_offsets(const std::vector<at::Tensor>& kept, const PoolingWindows& windows,
                               const at::Tensor& grad_output, at::IntArrayRef input_sizes);
+// How many of those calls wrote each element once (the windows were tiles): what tests read.
+extern std::atomic<int64_t> tile_scatters;
 
 }  // namespace memsave

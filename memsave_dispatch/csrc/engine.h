@@ -16,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace memsave {
@@ -77,6 +78,7 @@ struct PendingBook {
 
 class WatchState;
 struct Waiting;
+struct Codec;
 
 using TalliesList = std::vector<std::shared_ptr<Tallies>>;
 
@@ -96,6 +98,10 @@ struct ThreadState {
   // encodings that wait, inside such an operator, for indices its caller gets a view of
   std::vector<std::pair<std::shared_ptr<WatchState>, std::shared_ptr<Waiting>>> pooling_waiting;
   int8_t outputs_held = -1;  // -1: no compiled max-pool call running; else whether its caller keeps the outputs
+  struct RecentWindows {  // the pooling windows of this thread's last few geometries, by key (ops.cpp)
+    std::array<std::pair<std::vector<int64_t>, std::shared_ptr<const Codec>>, 8> entries;
+    size_t next = 0;  // the entry a new geometry replaces
+  } recent_windows;
 };
 
 // Calls straight to the CPU kernels: no autograd, no Python modes, whatever this thread's state.

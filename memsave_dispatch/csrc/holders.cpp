@@ -4,7 +4,6 @@
 #include "torch_private.h"
 
 #include <ATen/EmptyTensor.h>
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/clone_ops.h>
 #include <ATen/ops/gt_ops.h>
 #include <ATen/ops/ne_ops.h>
@@ -69,12 +68,16 @@ at::Tensor make_ghost(const Layout& layout) {
     }
     extent += (layout.sizes[d] - 1) * layout.strides[d];
   }
-  const size_t nbytes = (layout.phase + extent) * c10::elementSize(layout.dtype) + kAlignment;
-  return at::for_blob(const_cast<char*>(zero_pages(nbytes)), layout.sizes)
-      .strides(layout.strides)
-      .storage_offset(layout.phase)
-      .options(at::TensorOptions().dtype(layout.dtype))
-      .make_tensor();
+  const size_t itemsize = c10::elementSize(layout.dtype);
+  const char* zeros = zero_pages((layout.phase + extent) * itemsize + kAlignment);
+  // what at::for_blob(zeros, sizes).strides(...).storage_offset(phase) makes, without its checks
+  const size_t nbytes = at::detail::computeStorageNbytes(layout.sizes, layout.strides, itemsize) + layout.phase * itemsize;
+  c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes, c10::DataPtr(const_cast<char*>(zeros), c10::Device(c10::kCPU)),
+                       /*allocator=*/nullptr, /*resizable=*/false);
+  at::Tensor ghost = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                                              c10::scalarTypeToTypeMeta(layout.dtype));
+  ghost.unsafeGetTensorImpl()->set_sizes_and_strides(layout.sizes, layout.strides, layout.phase);
+  return ghost;
 }
 
 // Ghosts are never written, and autograd wraps what an unpack hook returns in a variable of its
@@ -359,6 +362,7 @@ at::Tensor alias_to_keep(const at::Tensor& tensor, bool callers) {
 }  // namespace
 
 void EncodedCore::pack(const at::Tensor& tensor, bool callers) {
+  at::NoGradGuard no_grad;  // as stock packs (GhostCore::pack reads only the layout: it needs none)
   std::lock_guard<std::mutex> lock(mutex);
   if (deferred) {
     original = alias_to_keep(tensor, callers);
@@ -451,10 +455,7 @@ void hook(SavedVariable& slot, std::shared_ptr<HolderCore> core) {
     return;
   }
   auto hooks = std::make_unique<Hooks>(core);
-  {
-    at::NoGradGuard no_grad;  // as stock packs
-    core->pack(data, original);
-  }
+  core->pack(data, original);
   if (original) {  // save_metadata, which register_hooks runs for these (the others ran it at save)
     slot.*get(SlotOutputNr()) = data.output_nr();
     if (slot.*get(SlotIsLeaf())) {

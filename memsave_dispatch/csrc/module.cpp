@@ -406,6 +406,10 @@ PyObject* py_encoding_threads_allowed(PyObject*, PyObject*) {
   return PyLong_FromLong(encoding_threads_allowed());
 }
 
+PyObject* py_tile_scatters(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(tile_scatters.load(std::memory_order_relaxed));
+}
+
 PyMethodDef methods[] = {
     {"init", py_init, METH_VARARGS, "hand over the settings read from this torch release"},
     {"op_names", py_op_names, METH_NOARGS, "the operators with a C++ saving rule, by index"},
@@ -425,6 +429,7 @@ PyMethodDef methods[] = {
     {"unpack_slot", py_unpack_slot, METH_O, "unpack a slot this engine holds"},
     {"encoding_threads", py_encoding_threads, METH_NOARGS, "the threads an encoding's parallel tasks run on"},
     {"encoding_threads_allowed", py_encoding_threads_allowed, METH_NOARGS, "the most threads they may run on"},
+    {"tile_scatters", py_tile_scatters, METH_NOARGS, "max-pool backward calls that wrote each element once (2x2 tiles)"},
     {nullptr, nullptr, 0, nullptr}};
 
 #define MEMSAVE_STRINGIFY2(x) #x

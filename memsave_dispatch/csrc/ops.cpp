@@ -331,15 +331,10 @@ SlotDecision threshold_decision(SavedVariable& slot, const at::Tensor& input, co
 }
 
 // -- max pooling's windows ---------------------------------------------------------------------------
-using Extents = c10::SmallVector<int64_t, 3>;
-
-Extents expand(at::IntArrayRef values, size_t dims) {
-  if (values.size() == 1) return Extents(dims, values[0]);
-  return Extents(values.begin(), values.end());
-}
-
-Extents last(at::IntArrayRef sizes, size_t dims) {
-  return Extents(sizes.end() - dims, sizes.end());
+// The last N sizes (the spatial ones).
+template <size_t N>
+at::IntArrayRef last(at::IntArrayRef sizes) {
+  return sizes.slice(sizes.size() - N);
 }
 
 // The windows' cache (ops/pooling.py's _cached_windows), keyed by everything that shapes them.
@@ -354,22 +349,36 @@ struct KeyLess {
 };
 
 // (a key's length and first entry tell the operator family apart: one reader per key)
+// A thread looks among the geometries of its last few pooling calls first (a network has a
+// few pooling layers, each called once a step): found there, the codec needs no lock.
 template <class Build>
 std::shared_ptr<const Codec> window_codec(const WindowKey& key, Reader reader, Build&& build) {
+  ThreadState::RecentWindows& recent = thread_state().recent_windows;
+  for (const auto& [known, codec] : recent.entries)
+    if (std::equal(key.begin(), key.end(), known.begin(), known.end())) return codec;
   static std::mutex mutex;
   static std::map<std::vector<int64_t>, std::shared_ptr<const Codec>, KeyLess> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto found = cache.find(key);
-  if (found != cache.end()) return found->second;
-  std::shared_ptr<Codec> codec;
-  if (auto windows = build()) {
-    codec = std::make_shared<Codec>();
-    codec->windows = windows;
-    codec->label = windows->two_bits() ? kOffsets2Bit : kOffsetsU8;
-    codec->reader = reader;
+  std::shared_ptr<const Codec> codec;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto found = cache.find(key);
+    if (found != cache.end()) {
+      codec = found->second;
+    } else {
+      if (auto windows = build()) {
+        auto made = std::make_shared<Codec>();
+        made->windows = windows;
+        made->label = windows->two_bits() ? kOffsets2Bit : kOffsetsU8;
+        made->reader = reader;
+        codec = std::move(made);
+      }
+      if (cache.size() > 256) cache.clear();
+      cache[std::vector<int64_t>(key.begin(), key.end())] = codec;
+    }
   }
-  if (cache.size() > 256) cache.clear();
-  return cache[std::vector<int64_t>(key.begin(), key.end())] = codec;
+  recent.entries[recent.next] = {std::vector<int64_t>(key.begin(), key.end()), codec};
+  recent.next = (recent.next + 1) % recent.entries.size();
+  return codec;
 }
 
 // (out, indices) = maxpool(x): x is never read; the indices stay int64 while the caller
@@ -385,28 +394,39 @@ void max_pool_slots(Decisions& saved, SavedVariable& self_slot, SavedVariable& i
   saved.push_back({&indices_slot, indices, decision, codec});
 }
 
+// N values of an argument (one value stands for all N) appended to a windows' key; the key's
+// part `i` read back.
+template <size_t N>
+void append_extents(WindowKey& key, at::IntArrayRef values) {
+  for (size_t d = 0; d < N; ++d) key.push_back(values.size() == 1 ? values[0] : values[d]);
+}
+template <size_t N>
+at::IntArrayRef part_of(const WindowKey& key, size_t i) {
+  return at::IntArrayRef(key.data() + 1 + i * N, N);
+}
+
 template <size_t N>
 std::shared_ptr<const Codec> regular_window_codec(const at::Tensor& input, const at::Tensor& indices,
                                                   at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                                   at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const Extents in = last(input.sizes(), N), out = last(indices.sizes(), N);
-  const Extents kernel = expand(kernel_size, N);
-  const Extents step = stride.empty() ? kernel : expand(stride, N);
-  const Extents pad = expand(padding, N), dil = expand(dilation, N);
   WindowKey key{0};
-  for (const Extents* part : {&in, &out, &kernel, &step, &pad, &dil}) key.append(part->begin(), part->end());
+  for (at::IntArrayRef part : {last<N>(input.sizes()), last<N>(indices.sizes()), kernel_size,
+                               stride.empty() ? kernel_size : stride, padding, dilation})
+    append_extents<N>(key, part);
   // max_pool2d's backward reads the offsets in place (max_pool3d's decodes them)
   const Reader reader = N == 2 ? Reader::MaxPool2dBackward : Reader::None;
-  return window_codec(key, reader, [&] { return regular_windows(in, out, kernel, step, pad, dil); });
+  return window_codec(key, reader, [&] {
+    return regular_windows(part_of<N>(key, 0), part_of<N>(key, 1), part_of<N>(key, 2), part_of<N>(key, 3),
+                           part_of<N>(key, 4), part_of<N>(key, 5));
+  });
 }
 
 template <size_t N>
 std::shared_ptr<const Codec> adaptive_window_codec(const at::Tensor& input, const at::Tensor& indices) {
-  const Extents in = last(input.sizes(), N), out = last(indices.sizes(), N);
   WindowKey key{1};
-  key.append(in.begin(), in.end());
-  key.append(out.begin(), out.end());
-  return window_codec(key, Reader::None, [&] { return adaptive_windows(in, out); });
+  append_extents<N>(key, last<N>(input.sizes()));
+  append_extents<N>(key, last<N>(indices.sizes()));
+  return window_codec(key, Reader::None, [&] { return adaptive_windows(part_of<N>(key, 0), part_of<N>(key, 1)); });
 }
 
 // -- the rules (ops/*.py) ---------------------------------------------------------------------------
