@@ -6,6 +6,7 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <c10/util/SmallVector.h>
@@ -36,8 +37,15 @@ namespace {
 // encoding splits over the threads wherever the kernel that made the tensor did.
 constexpr int64_t kGrain = 1 << 15;
 
+// What at::detail::empty_cpu({n}, uint8) makes, without its generic path (options, memory format): an
+// encoding's kept bytes, from the CPU allocator (which the profiler's memory events see).
 at::Tensor empty_bytes(int64_t n) {
-  return at::Tensor(at::detail::empty_cpu({n}, at::TensorOptions().dtype(at::kByte)));
+  c10::Allocator* allocator = c10::GetCPUAllocator();
+  c10::Storage storage(c10::Storage::use_byte_size_t(), n, allocator, /*resizable=*/true);
+  at::Tensor bytes = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                                              caffe2::TypeMeta::Make<uint8_t>());
+  bytes.unsafeGetTensorImpl()->set_sizes_contiguous({n});
+  return bytes;
 }
 
 // -- packing -------------------------------------------------------------------------------
@@ -701,7 +709,7 @@ void indices_of(const uint8_t* positions, const PoolingWindows& windows, int64_t
 
 }  // namespace
 
-std::vector<at::Tensor> encode_offsets(const at::Tensor& indices, const PoolingWindows& windows) {
+KeptTensors encode_offsets(const at::Tensor& indices, const PoolingWindows& windows) {
   TORCH_INTERNAL_ASSERT(indices.scalar_type() == at::kLong && indices.is_non_overlapping_and_dense());
   const int64_t n = indices.numel();
   const bool two_bits = windows.two_bits();
@@ -752,7 +760,7 @@ std::vector<at::Tensor> encode_offsets(const at::Tensor& indices, const PoolingW
   return {low_plane};
 }
 
-at::Tensor decode_offsets(const std::vector<at::Tensor>& kept, const PoolingWindows& windows, at::IntArrayRef sizes,
+at::Tensor decode_offsets(at::TensorList kept, const PoolingWindows& windows, at::IntArrayRef sizes,
                           at::IntArrayRef strides) {
   int64_t n = 1;
   for (int64_t size : sizes) n *= size;
@@ -873,7 +881,7 @@ void scatter_tiles(const uint8_t* low, const uint8_t* high, const PoolingWindows
         if (kAvx2) taken = tile_rows_avx2(low, high, tiles, e0, grad_output + e0, plane);
       }
 #endif
-      for (int64_t oh = 0; oh < rows; ++oh) {
+      for (int64_t oh = 0; oh < rows && (taken < columns || 2 * columns < width); ++oh) {
         T* top = plane + 2 * oh * width;
         T* bottom = top + width;
         for (int64_t ow = taken; ow < columns; ++ow) {
@@ -895,7 +903,7 @@ void scatter_tiles(const uint8_t* low, const uint8_t* high, const PoolingWindows
 
 }  // namespace
 
-at::Tensor scatter_by_offsets(const std::vector<at::Tensor>& kept, const PoolingWindows& windows,
+at::Tensor scatter_by_offsets(at::TensorList kept, const PoolingWindows& windows,
                               const at::Tensor& grad_output, at::IntArrayRef input_sizes) {
   const at::Tensor grad = grad_output.contiguous();
   at::Tensor grad_input(at::detail::empty_cpu(input_sizes, at::TensorOptions().dtype(grad.scalar_type())));

@@ -4,12 +4,16 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/SmallVector.h>
 
 #include <atomic>
 #include <memory>
 #include <vector>
 
 namespace memsave {
+
+// The tensors an encoding keeps: a bit mask, a byte per window position, or two bit planes.
+using KeptTensors = c10::SmallVector<at::Tensor, 2>;
 
 // Which yes/no decision of an element a bit keeps.
 enum class Predicate : uint8_t {
@@ -68,15 +72,15 @@ std::shared_ptr<const PoolingWindows> adaptive_windows(at::IntArrayRef in_sizes,
 // Argmax indices (dense int64) as window offsets: one uint8 per index, or two bit planes
 // (low bit, high bit) when a window has at most four positions. Empty if some index is not
 // inside its window.
-std::vector<at::Tensor> encode_offsets(const at::Tensor& indices, const PoolingWindows& windows);
-at::Tensor decode_offsets(const std::vector<at::Tensor>& kept, const PoolingWindows& windows, at::IntArrayRef sizes,
+KeptTensors encode_offsets(const at::Tensor& indices, const PoolingWindows& windows);
+at::Tensor decode_offsets(at::TensorList kept, const PoolingWindows& windows, at::IntArrayRef sizes,
                           at::IntArrayRef strides);
 
 // max_pool2d_with_indices_backward from the offsets of row-major indices, without them: a
 // contiguous gradient of the input, +0 everywhere, then, plane by plane, each output's gradient
 // added where its offset points, in the order stock's kernel adds (float or double). Where the
 // windows are tiles, each element is written once: +0 plus the gradient that points there, or +0.
-at::Tensor scatter_by_offsets(const std::vector<at::Tensor>& kept, const PoolingWindows& windows,
+at::Tensor scatter_by_offsets(at::TensorList kept, const PoolingWindows& windows,
                               const at::Tensor& grad_output, at::IntArrayRef input_sizes);
 // How many of those calls wrote each element once (the windows were tiles): what tests read.
 extern std::atomic<int64_t> tile_scatters;

@@ -403,7 +403,7 @@ Label EncodedCore::form() const {
 std::vector<at::Tensor> EncodedCore::kept() const {
   std::lock_guard<std::mutex> lock(mutex);
   if (deferred) return {original};
-  return encoded.kept;
+  return {encoded.kept.begin(), encoded.kept.end()};
 }
 
 // -- the hooks on a slot -----------------------------------------------------------------------

@@ -80,7 +80,7 @@ extern std::array<std::atomic<bool>, size_t(Reader::kCount)> readers_installed;
 
 // -- codecs as decisions use them ----------------------------------------------------------------
 struct Encoded {
-  std::vector<at::Tensor> kept;
+  KeptTensors kept;
   c10::SmallVector<int64_t, 6> sizes, strides;  // of the stand-in backward reads
   at::ScalarType dtype = at::kFloat;
   bool memory_order = false;  // bit k is the tensor's element at storage offset k (packed from it)
