@@ -628,6 +628,33 @@ __attribute__((target("avx2"))) int64_t indices_run_avx2(const uint8_t* position
   }
   return r;
 }
+
+// The same where the windows are tiles (windows.tiles): an index's step from its window's
+// origin is 0, 1, W or W+1 (the positions in that order, W the input's width >= 2), so the
+// lower row is a step past 1, and the right column what remains once W is taken off it; any
+// other remainder is an index outside its window. No table, no gather.
+__attribute__((target("avx2"))) int64_t tile_bits_run_avx2(const int64_t* index, const int64_t* origin, int64_t width,
+                                                           uint8_t* low_bits, uint8_t* high_bits, int64_t n) {
+  const __m256i one = _mm256_set1_epi64x(1), row = _mm256_set1_epi64x(width), beyond_a_column = _mm256_set1_epi64x(~int64_t(1));
+  __m256i stray = _mm256_setzero_si256();
+  int64_t r = 0;
+  for (; r + 8 <= n; r += 8) {
+    uint32_t right = 0, lower = 0;
+    for (int half = 0; half < 2; ++half) {
+      const int64_t at = r + 4 * half;
+      const __m256i step = _mm256_sub_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(index + at)),
+                                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(origin + at)));
+      const __m256i down = _mm256_cmpgt_epi64(step, one);
+      const __m256i column = _mm256_sub_epi64(step, _mm256_and_si256(down, row));
+      stray = _mm256_or_si256(stray, _mm256_and_si256(column, beyond_a_column));
+      right |= uint32_t(_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_slli_epi64(column, 63)))) << (4 * half);
+      lower |= uint32_t(_mm256_movemask_pd(_mm256_castsi256_pd(down))) << (4 * half);
+    }
+    low_bits[r >> 3] = uint8_t(right);
+    high_bits[r >> 3] = uint8_t(lower);
+  }
+  return _mm256_testz_si256(stray, stray) ? r : -1;
+}
 #endif
 
 // The two bit planes of row-major elements e0..e1-1 (e0 a multiple of 8) into their bytes of
@@ -656,8 +683,13 @@ bool bit_planes_of(const int64_t* indices, const PoolingWindows& windows, int64_
     for (; r < run && ((e + r) & 7); ++r) one(r);  // up to a byte's start
 #if defined(__x86_64__)
     if (kAvx2 && r < run) {
-      const int64_t took = bit_planes_run_avx2(indices + e + r, origins + k + r, windows.low, offset_of, windows.beyond,
-                                               low + ((e + r) >> 3), high + ((e + r) >> 3), run - r);
+      uint8_t* low_byte = low + ((e + r) >> 3);
+      uint8_t* high_byte = high + ((e + r) >> 3);
+      const int64_t took =
+          windows.tiles.in_width > 0
+              ? tile_bits_run_avx2(indices + e + r, origins + k + r, windows.tiles.in_width, low_byte, high_byte, run - r)
+              : bit_planes_run_avx2(indices + e + r, origins + k + r, windows.low, offset_of, windows.beyond, low_byte,
+                                    high_byte, run - r);
       if (took < 0) {
         inside = false;
         return;
