@@ -947,19 +947,16 @@ at::Tensor scatter_by_offsets(at::TensorList kept, const PoolingWindows& windows
   const uint8_t* high = windows.two_bits() ? kept[1].const_data_ptr<uint8_t>() : nullptr;
   const bool tiled = windows.tiles.in_width > 0 && windows.tiles.in_height * windows.tiles.in_width == in_plane;
   if (tiled) tile_scatters.fetch_add(1, std::memory_order_relaxed);
+  const auto scatter = [&](auto zero) {
+    using T = decltype(zero);
+    if (tiled)
+      scatter_tiles(low, high, windows.tiles, grad.const_data_ptr<T>(), grad_input.mutable_data_ptr<T>(), planes);
+    else
+      scatter_planes(low, high, windows, grad.const_data_ptr<T>(), grad_input.mutable_data_ptr<T>(), planes, in_plane);
+  };
   switch (grad.scalar_type()) {
-    case at::kFloat:
-      if (tiled)
-        scatter_tiles(low, high, windows.tiles, grad.const_data_ptr<float>(), grad_input.mutable_data_ptr<float>(), planes);
-      else
-        scatter_planes(low, high, windows, grad.const_data_ptr<float>(), grad_input.mutable_data_ptr<float>(), planes, in_plane);
-      break;
-    case at::kDouble:
-      if (tiled)
-        scatter_tiles(low, high, windows.tiles, grad.const_data_ptr<double>(), grad_input.mutable_data_ptr<double>(), planes);
-      else
-        scatter_planes(low, high, windows, grad.const_data_ptr<double>(), grad_input.mutable_data_ptr<double>(), planes, in_plane);
-      break;
+    case at::kFloat: scatter(0.0f); break;
+    case at::kDouble: scatter(0.0); break;
     default: TORCH_INTERNAL_ASSERT(false, "memsave: no max-pool backward from offsets for ", grad.scalar_type());
   }
   return grad_input;
