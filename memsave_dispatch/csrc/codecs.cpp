@@ -48,6 +48,11 @@ at::Tensor empty_bytes(int64_t n) {
   return bytes;
 }
 
+// Bit k of a bit plane: element k's, the first element in the lowest bit of byte 0.
+inline uint32_t bit_of(const uint8_t* bits, int64_t k) {
+  return (bits[k >> 3] >> (k & 7)) & 1;
+}
+
 // -- packing -------------------------------------------------------------------------------
 // Elements as unsigned integers of their width: the predicates read the bits.
 template <typename U>
@@ -231,7 +236,7 @@ namespace {
 // `value` where bit k is set, else +0 (an all-ones or all-zeros mask over its bits).
 template <typename U>
 inline U kept_where(U value, const uint8_t* bits, int64_t k) {
-  return value & (U(0) - U((bits[k >> 3] >> (k & 7)) & 1));
+  return value & (U(0) - U(bit_of(bits, k)));
 }
 
 // A run of `n` elements, each stored next to the last, starting at bit k.
@@ -818,7 +823,7 @@ at::Tensor decode_offsets(at::TensorList kept, const PoolingWindows& windows, at
     const MemoryWalk walk(sizes, strides, windows.corner.size());
     for_each_window(windows, walk, e0, e1, [&](int64_t e, int64_t origin) {
       // the window position of element e: its byte, or its bits in the two planes
-      const int position = two_bits ? ((low[e >> 3] >> (e & 7)) & 1) | (((high[e >> 3] >> (e & 7)) & 1) << 1) : low[e];
+      const uint32_t position = two_bits ? bit_of(low, e) | bit_of(high, e) << 1 : low[e];
       dst[e] = origin + deltas[position];
     });
   });
@@ -918,7 +923,7 @@ void scatter_tiles(const uint8_t* low, const uint8_t* high, const PoolingWindows
         T* bottom = top + width;
         for (int64_t ow = taken; ow < columns; ++ow) {
           const int64_t e = e0 + oh * columns + ow;
-          const bool right = (low[e >> 3] >> (e & 7)) & 1, lower = (high[e >> 3] >> (e & 7)) & 1;
+          const bool right = bit_of(low, e), lower = bit_of(high, e);
           const T value = grad_output[e] + T(0);
           top[2 * ow] = !lower && !right ? value : T(0);
           top[2 * ow + 1] = !lower && right ? value : T(0);

@@ -348,9 +348,9 @@ struct KeyLess {
   }
 };
 
-// (a key's length and first entry tell the operator family apart: one reader per key)
-// A thread looks among the geometries of its last few pooling calls first (a network has a
-// few pooling layers, each called once a step): found there, the codec needs no lock.
+// (a key's length and first entry tell the operator family apart: one reader per key). A
+// thread looks among the geometries of its last few pooling calls first (a network has a few
+// pooling layers, each called once a step): found there, the codec needs no lock.
 template <class Build>
 std::shared_ptr<const Codec> window_codec(const WindowKey& key, Reader reader, Build&& build) {
   ThreadState::RecentWindows& recent = thread_state().recent_windows;
