@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
@@ -614,6 +615,110 @@ def test_max_pool_2x2_tiles_write_each_gradient_once_like_stock(compiled_engine,
     assert "2-bit window offsets" in mode.report()["max_pool2d_with_indices"].encodings
     assert extension.load().tile_scatters() - tiled_before == (0 if ceil_mode else 1)
     assert_bit_identical(ours[0], stock[0], "gradient")
+
+
+def _nan(payload: int, dtype: torch.dtype) -> torch.Tensor:
+    """A quiet NaN with its own payload, to tell NaNs apart by their bits."""
+    if dtype == torch.float64:
+        return torch.tensor([0x7FF8000000000000 | payload], dtype=torch.int64).view(torch.float64)
+    return torch.tensor([0x7FC00000 | payload], dtype=torch.int32).view(torch.float32)
+
+
+def _with_special_tiles(x: torch.Tensor) -> torch.Tensor:
+    """x with its first 2x2 tiles (row-major over planes and rows of tiles) set to the cases
+    stock's loop decides: all -inf, two NaNs (the last wins), -0.0 before +0.0 (the first of a
+    tie wins), four ties, a NaN before a larger value, -inf up to the last."""
+    nan_a, nan_b, nan_c = (_nan(k, x.dtype).item() for k in (1, 2, 3))
+    inf = float("inf")
+    patterns = [[-inf, -inf, -inf, -inf], [nan_a, 1.0, nan_b, 2.0], [-0.0, 0.0, -1.0, -2.0], [0.5, 0.5, 0.5, 0.5],
+                [1.0, nan_c, 3.0, 2.0], [-inf, -inf, -inf, 1.0], [0.0, -0.0, 0.0, -0.0]]
+    planes = x.detach().view(-1, x.shape[-2], x.shape[-1])
+    tiles = [(p, r, c) for p in range(planes.shape[0]) for r in range(planes.shape[1] // 2) for c in range(planes.shape[2] // 2)]
+    for (p, r, c), values in zip(tiles, patterns):
+        for k, value in enumerate(values):
+            planes[p, 2 * r + k // 2, 2 * c + k % 2] = torch.tensor(value, dtype=torch.float64).to(x.dtype)
+    # NaN payloads survive the float64 round trip only for float64: set float32's bits directly
+    if x.dtype == torch.float32 and len(tiles) > 1:
+        p, r, c = tiles[1]
+        planes[p, 2 * r, 2 * c], planes[p, 2 * r + 1, 2 * c] = _nan(1, x.dtype)[0], _nan(2, x.dtype)[0]
+    if x.dtype == torch.float32 and len(tiles) > 4:
+        p, r, c = tiles[4]
+        planes[p, 2 * r, 2 * c + 1] = _nan(3, x.dtype)[0]
+    return x
+
+
+ONE_PASS_SHAPES = [*TILE_SHAPES, (3, 6, 8), (2, 5, 8, 19), (2, 17, 70, 70)]  # the last over several tasks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,ceil_mode", [(shape, False) for shape in ONE_PASS_SHAPES]
+                         + [(shape, True) for shape in ONE_PASS_SHAPES])
+def test_max_pool_2x2_tiles_forward_in_one_pass_like_stock(compiled_engine, dtype, shape, ceil_mode):
+    """Where the caller drops the indices (F.max_pool2d) and 2x2 windows with stride 2 tile the
+    input, the CPU kernel finds each tile's maximum and its window offset in one pass, with no
+    int64 indices: stock's output bit for bit and laid out as stock's (the first of tied values,
+    the last NaN by its payload, an all -inf tile, -0.0 against +0.0), and stock's gradient.
+    Ceil mode on an odd size has partial windows, which are no tiles: stock's kernel runs."""
+    x = _with_special_tiles(_x(*shape, dtype=dtype, specials=True, requires_grad=False)).requires_grad_(True)
+    pool = lambda t: F.max_pool2d(t, 2, ceil_mode=ceil_mode)
+    with torch.no_grad():
+        out_shape = pool(x).shape
+    grad = seeded_randn(*out_shape, seed=5, dtype=dtype)
+    grad.view(-1)[::3] = -0.0
+
+    def forward_and_backward():
+        y = pool(x * 1)
+        (dx,) = torch.autograd.grad(y, x, grad)
+        return y.detach(), dx
+
+    stock = forward_and_backward()
+    one_pass_before = extension.load().tile_poolings()
+    with MemSaveMode() as mode:
+        ours = forward_and_backward()
+    partial = ceil_mode and (shape[-1] % 2 or shape[-2] % 2)
+    assert extension.load().tile_poolings() - one_pass_before == (0 if partial else 1)
+    assert "2-bit window offsets" in mode.report()["max_pool2d_with_indices"].encodings
+    assert_bit_identical(ours[0], stock[0], "output")
+    assert_bit_identical(ours[1], stock[1], "gradient")
+
+
+def _dual_max_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """F.max_pool2d on a dual tensor: stock computes the forward gradient from the indices."""
+    with fwAD.dual_level():
+        primal, tangent = fwAD.unpack_dual(F.max_pool2d(fwAD.make_dual(x * 1, seeded_randn(*x.shape, seed=7)), 2))
+        return primal.detach(), tangent
+
+
+NOT_ONE_PASS = {
+    "the caller gets the indices": lambda x: F.max_pool2d(x, 2, return_indices=True),
+    "called as an aten operator": lambda x: aten.max_pool2d_with_indices.default(x, [2, 2]),
+    "channels_last": lambda x: F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 2),
+    "a transposed view": lambda x: F.max_pool2d(x.transpose(-1, -2), 2),
+    "bfloat16": lambda x: F.max_pool2d(x.to(torch.bfloat16), 2),
+    "stride 1": lambda x: F.max_pool2d(x, 2, stride=1),
+    "padding": lambda x: F.max_pool2d(x, 2, padding=1),
+    "dilation": lambda x: F.max_pool2d(x, 2, dilation=2),
+    "1-d": lambda x: F.max_pool1d(x.flatten(-2), 2),
+    "a forward-mode gradient": _dual_max_pool,
+}
+
+
+@pytest.mark.parametrize("call", NOT_ONE_PASS)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # stock's forward-mode max pooling
+def test_max_pool_one_pass_only_where_nothing_reads_the_indices(compiled_engine, call):
+    """Anywhere the indices reach the caller or stock's own formulas (the caller asked for
+    them, forward mode gathers the gradient with them), or the geometry or layout is not
+    tiles of a contiguous float tensor, stock's kernel runs: every output, indices included,
+    is stock's."""
+    x = _with_special_tiles(_x(2, 3, 8, 10, specials=True, requires_grad=False)).requires_grad_(True)
+    stock = NOT_ONE_PASS[call](x)
+    one_pass_before = extension.load().tile_poolings()
+    with MemSaveMode():
+        ours = NOT_ONE_PASS[call](x)
+    assert extension.load().tile_poolings() == one_pass_before
+    stock, ours = (r if isinstance(r, tuple) else (r,) for r in (stock, ours))
+    for a, b in zip(ours, stock, strict=True):
+        assert_bit_identical(a, b, "output")
 
 
 def test_max_pool_offsets_read_in_place_serve_a_second_backward(compiled_engine):

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -965,6 +966,131 @@ at::Tensor scatter_by_offsets(at::TensorList kept, const PoolingWindows& windows
     default: TORCH_INTERNAL_ASSERT(false, "memsave: no max-pool backward from offsets for ", grad.scalar_type());
   }
   return grad_input;
+}
+
+namespace {
+// A tile's maximum as stock's loop finds it: it starts at -inf and moves to each value, in
+// row-major order, that is larger or NaN. The first value always ends up taken (a value not
+// larger than -inf is -inf itself), so the search starts there. `right` and `lower` are the
+// window offset's two bits.
+template <class T>
+inline T tile_maximum(const T* top, const T* bottom, uint32_t& right, uint32_t& lower) {
+  T best = top[0];
+  right = lower = 0;
+  if (top[1] > best || std::isnan(top[1])) best = top[1], right = 1;
+  if (bottom[0] > best || std::isnan(bottom[0])) best = bottom[0], right = 0, lower = 1;
+  if (bottom[1] > best || std::isnan(bottom[1])) best = bottom[1], right = 1, lower = 1;
+  return best;
+}
+
+// Eight bits for elements e .. e+7 into a bit plane whose bytes there are this task's alone.
+inline void or_eight_bits(uint8_t* plane, int64_t e, uint32_t bits) {
+  const int shift = int(e & 7);
+  plane[e >> 3] |= uint8_t(bits << shift);
+  if (shift) plane[(e >> 3) + 1] |= uint8_t(bits >> (8 - shift));
+}
+
+#if defined(__x86_64__)
+// Pairs of floats 0 1 4 5 | 2 3 6 7 back in order.
+__attribute__((target("avx2"))) inline __m256 pairs_in_order(__m256 lanes) {
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(lanes), 0xD8));
+}
+
+// Sixteen floats of an input row as the eight left and eight right values of their tiles.
+__attribute__((target("avx2"))) inline void split_tile_row(const float* row, __m256& left, __m256& right) {
+  const __m256 first = _mm256_loadu_ps(row), second = _mm256_loadu_ps(row + 8);
+  left = pairs_in_order(_mm256_shuffle_ps(first, second, 0x88));
+  right = pairs_in_order(_mm256_shuffle_ps(first, second, 0xDD));
+}
+
+// Lanes where `value` replaces `best` in stock's loop: larger, or NaN.
+__attribute__((target("avx2"))) inline __m256 replaces(__m256 value, __m256 best) {
+  return _mm256_or_ps(_mm256_cmp_ps(value, best, _CMP_GT_OQ), _mm256_cmp_ps(value, value, _CMP_UNORD_Q));
+}
+
+// tile_maximum for eight tiles of a row at a time, up to the run's last whole eight; returns
+// how many it took.
+__attribute__((target("avx2"))) int64_t tile_maxima_avx2(const float* top, int64_t width, float* out, uint8_t* low,
+                                                         uint8_t* high, int64_t e, int64_t run) {
+  int64_t r = 0;
+  for (; r + 8 <= run; r += 8) {
+    __m256 top_left, top_right, bottom_left, bottom_right;
+    split_tile_row(top + 2 * r, top_left, top_right);
+    split_tile_row(top + width + 2 * r, bottom_left, bottom_right);
+    __m256 best = top_left;
+    __m256 right = replaces(top_right, best);
+    best = _mm256_blendv_ps(best, top_right, right);
+    __m256 lower = replaces(bottom_left, best);
+    best = _mm256_blendv_ps(best, bottom_left, lower);
+    right = _mm256_andnot_ps(lower, right);
+    const __m256 last = replaces(bottom_right, best);
+    best = _mm256_blendv_ps(best, bottom_right, last);
+    right = _mm256_or_ps(right, last);
+    lower = _mm256_or_ps(lower, last);
+    _mm256_storeu_ps(out + r, best);
+    or_eight_bits(low, e + r, uint32_t(_mm256_movemask_ps(right)));
+    or_eight_bits(high, e + r, uint32_t(_mm256_movemask_ps(lower)));
+  }
+  return r;
+}
+#endif
+
+template <class T>
+void tile_maxima(const T* input, const PoolingWindows::Tiles& tiles, T* out, uint8_t* low, uint8_t* high, int64_t n) {
+  const int64_t columns = tiles.out_width, out_plane = tiles.out_height * columns;
+  const int64_t width = tiles.in_width, in_plane = tiles.in_height * width;
+  at::parallel_for(0, (n + 7) / 8, kGrain / 8, [&](int64_t u0, int64_t u1) {  // a task owns whole bytes of the planes
+    std::memset(low + u0, 0, size_t(u1 - u0));
+    std::memset(high + u0, 0, size_t(u1 - u0));
+    const int64_t e1 = std::min(n, u1 * 8);
+    for (int64_t e = u0 * 8; e < e1;) {  // a run along one row of tiles
+      const int64_t plane = e / out_plane, at = e % out_plane, oh = at / columns, ow = at % columns;
+      const int64_t run = std::min(columns - ow, e1 - e);
+      const T* top = input + plane * in_plane + 2 * oh * width + 2 * ow;
+      int64_t r = 0;
+#if defined(__x86_64__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (kAvx2) r = tile_maxima_avx2(top, width, out + e, low, high, e, run);
+      }
+#endif
+      for (; r < run; ++r) {
+        uint32_t right, lower;
+        out[e + r] = tile_maximum(top + 2 * r, top + width + 2 * r, right, lower);
+        low[(e + r) >> 3] |= uint8_t(right << ((e + r) & 7));
+        high[(e + r) >> 3] |= uint8_t(lower << ((e + r) & 7));
+      }
+      e += run;
+    }
+  });
+}
+}  // namespace
+
+std::atomic<int64_t> tile_poolings{0};
+
+TileMaxima max_pool_tiles(const at::Tensor& input, const PoolingWindows& windows) {
+  const PoolingWindows::Tiles& tiles = windows.tiles;
+  TORCH_INTERNAL_ASSERT(tiles.in_width > 0 && input.is_contiguous() && input.dim() >= 3 &&
+                        input.size(-2) == tiles.in_height && input.size(-1) == tiles.in_width);
+  c10::SmallVector<int64_t, 4> sizes(input.sizes().begin(), input.sizes().end());
+  sizes[sizes.size() - 2] = tiles.out_height;
+  sizes[sizes.size() - 1] = tiles.out_width;
+  TileMaxima made;
+  made.out = at::detail::empty_cpu(sizes, input.scalar_type(), false, std::nullopt);
+  const int64_t n = made.out.numel();
+  made.offsets = {empty_bytes((n + 7) / 8), empty_bytes((n + 7) / 8)};
+  uint8_t* low = made.offsets[0].mutable_data_ptr<uint8_t>();
+  uint8_t* high = made.offsets[1].mutable_data_ptr<uint8_t>();
+  switch (input.scalar_type()) {
+    case at::kFloat:
+      tile_maxima(input.const_data_ptr<float>(), tiles, made.out.mutable_data_ptr<float>(), low, high, n);
+      break;
+    case at::kDouble:
+      tile_maxima(input.const_data_ptr<double>(), tiles, made.out.mutable_data_ptr<double>(), low, high, n);
+      break;
+    default: TORCH_INTERNAL_ASSERT(false, "memsave: no one-pass max pooling for ", input.scalar_type());
+  }
+  tile_poolings.fetch_add(1, std::memory_order_relaxed);
+  return made;
 }
 
 }  // namespace memsave

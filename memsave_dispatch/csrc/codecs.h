@@ -85,4 +85,16 @@ at::Tensor scatter_by_offsets(at::TensorList kept, const PoolingWindows& windows
 // How many of those calls wrote each element once (the windows were tiles): what tests read.
 extern std::atomic<int64_t> tile_scatters;
 
+// max_pool2d over tiles (windows.tiles) of a contiguous float or double input (its last two
+// dimensions the plane), in one pass: each tile's maximum as stock's kernel picks it (the first
+// largest value, or the last NaN), and its window offset in the two bit planes encode_offsets
+// would write from stock's indices. No int64 indices are made.
+struct TileMaxima {
+  at::Tensor out;  // laid out as stock's (contiguous)
+  KeptTensors offsets;
+};
+TileMaxima max_pool_tiles(const at::Tensor& input, const PoolingWindows& windows);
+// How many forwards ran so: what tests read.
+extern std::atomic<int64_t> tile_poolings;
+
 }  // namespace memsave

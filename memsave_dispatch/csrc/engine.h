@@ -79,6 +79,7 @@ struct PendingBook {
 class WatchState;
 struct Waiting;
 struct Codec;
+struct TilePooling;
 
 using TalliesList = std::vector<std::shared_ptr<Tallies>>;
 
@@ -102,6 +103,7 @@ struct ThreadState {
     std::array<std::pair<std::vector<int64_t>, std::shared_ptr<const Codec>>, 8> entries;
     size_t next = 0;  // the entry a new geometry replaces
   } recent_windows;
+  TilePooling* tile_pooling = nullptr;  // a max pooling's one-pass forward, while stock's kernel runs (ops.cpp)
 };
 
 // Calls straight to the CPU kernels: no autograd, no Python modes, whatever this thread's state.

@@ -58,7 +58,6 @@ void GhostCore::pack(const at::Tensor& tensor, bool) {
   layout.phase = int64_t(reinterpret_cast<uintptr_t>(tensor.const_data_ptr()) % kAlignment) / int64_t(tensor.element_size());
 }
 
-namespace {
 at::Tensor make_ghost(const Layout& layout) {
   int64_t extent = 1;
   for (size_t d = 0; d < layout.sizes.size(); ++d) {
@@ -79,6 +78,8 @@ at::Tensor make_ghost(const Layout& layout) {
   ghost.unsafeGetTensorImpl()->set_sizes_and_strides(layout.sizes, layout.strides, layout.phase);
   return ghost;
 }
+
+namespace {
 
 // Ghosts are never written, and autograd wraps what an unpack hook returns in a variable of its
 // own: one ghost per layout serves every node (a backward pass asks for the same few layouts
@@ -366,7 +367,7 @@ void EncodedCore::pack(const at::Tensor& tensor, bool callers) {
   std::lock_guard<std::mutex> lock(mutex);
   if (deferred) {
     original = alias_to_keep(tensor, callers);
-  } else {
+  } else if (encoded.kept.empty()) {  // (an encoding the forward pass made is there already)
     encode_locked(tensor, callers);
   }
 }

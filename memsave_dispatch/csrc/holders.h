@@ -134,6 +134,9 @@ struct Layout {
   }
 };
 
+// A ghost of its own: a TensorImpl with the layout, whose storage is read-only zero pages.
+at::Tensor make_ghost(const Layout& layout);
+
 struct GhostCore final : HolderCore {
   using HolderCore::HolderCore;
   void pack(const at::Tensor& tensor, bool callers) override;

@@ -410,6 +410,10 @@ PyObject* py_tile_scatters(PyObject*, PyObject*) {
   return PyLong_FromLongLong(tile_scatters.load(std::memory_order_relaxed));
 }
 
+PyObject* py_tile_poolings(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(tile_poolings.load(std::memory_order_relaxed));
+}
+
 PyMethodDef methods[] = {
     {"init", py_init, METH_VARARGS, "hand over the settings read from this torch release"},
     {"op_names", py_op_names, METH_NOARGS, "the operators with a C++ saving rule, by index"},
@@ -430,6 +434,7 @@ PyMethodDef methods[] = {
     {"encoding_threads", py_encoding_threads, METH_NOARGS, "the threads an encoding's parallel tasks run on"},
     {"encoding_threads_allowed", py_encoding_threads_allowed, METH_NOARGS, "the most threads they may run on"},
     {"tile_scatters", py_tile_scatters, METH_NOARGS, "max-pool backward calls that wrote each element once (2x2 tiles)"},
+    {"tile_poolings", py_tile_poolings, METH_NOARGS, "max-pool forward calls that made the offsets in one pass (2x2 tiles)"},
     {nullptr, nullptr, 0, nullptr}};
 
 #define MEMSAVE_STRINGIFY2(x) #x

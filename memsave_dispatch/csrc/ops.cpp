@@ -330,6 +330,10 @@ SlotDecision threshold_decision(SavedVariable& slot, const at::Tensor& input, co
   return {&slot, input, in_place ? Decision::Encode : Decision::EncodeWhenUnshared, in_place ? codecs.now : codecs.when_unshared};
 }
 
+bool float_or_double(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble;
+}
+
 // -- max pooling's windows ---------------------------------------------------------------------------
 // The last N sizes (the spatial ones).
 template <size_t N>
@@ -381,16 +385,36 @@ std::shared_ptr<const Codec> window_codec(const WindowKey& key, Reader reader, B
   return codec;
 }
 
+}  // namespace
+
+// Where the caller drops the indices (F.max_pool2d, nn.MaxPool2d) and the windows are 2x2
+// tiles, stock's CPU kernel would write int64 indices only for the rule to encode and free
+// them: the CPU kernel installed over stock's (max_pool2d_cpu) then computes the maxima and
+// their window offsets in one pass (codecs.h max_pool_tiles), and hands stock's autograd
+// kernel a ghost of the indices, which nothing reads: their slot takes the offsets. (Outside
+// the anonymous namespace: ThreadState points at the one a call asked for.)
+struct TilePooling {
+  const c10::TensorImpl* input = nullptr;
+  std::shared_ptr<const Codec> codec;
+  KeptTensors offsets;  // once the CPU kernel made them
+};
+namespace {
+
 // (out, indices) = maxpool(x): x is never read; the indices stay int64 while the caller
 // holds them, else their window offsets are kept (ops/pooling.py _MaxPool.saved).
 template <class CodecOf>
 void max_pool_slots(Decisions& saved, SavedVariable& self_slot, SavedVariable& indices_slot,
                     const at::Tensor& input, const at::Tensor& indices, const CallSite& site, CodecOf&& codec_of) {
+  saved.push_back({&self_slot, input, Decision::Drop, nullptr});
+  const TilePooling* pass = site.thread->tile_pooling;
+  if (pass && !pass->offsets.empty() && pass->input == input.unsafeGetTensorImpl()) {
+    saved.push_back({&indices_slot, indices, Decision::Encoded, pass->codec, pass->offsets});
+    return;
+  }
   std::shared_ptr<const Codec> codec = indices.numel() > 0 ? codec_of() : nullptr;
   Decision decision = !codec ? Decision::Keep
                       : site.thread->outputs_held > 0 ? Decision::EncodeWhenUnshared
                                                       : Decision::Encode;
-  saved.push_back({&self_slot, input, Decision::Drop, nullptr});
   saved.push_back({&indices_slot, indices, decision, codec});
 }
 
@@ -406,11 +430,11 @@ at::IntArrayRef part_of(const WindowKey& key, size_t i) {
 }
 
 template <size_t N>
-std::shared_ptr<const Codec> regular_window_codec(const at::Tensor& input, const at::Tensor& indices,
+std::shared_ptr<const Codec> regular_window_codec(at::IntArrayRef in_sizes, at::IntArrayRef out_sizes,
                                                   at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                                   at::IntArrayRef padding, at::IntArrayRef dilation) {
   WindowKey key{0};
-  for (at::IntArrayRef part : {last<N>(input.sizes()), last<N>(indices.sizes()), kernel_size,
+  for (at::IntArrayRef part : {last<N>(in_sizes), last<N>(out_sizes), kernel_size,
                                stride.empty() ? kernel_size : stride, padding, dilation})
     append_extents<N>(key, part);
   // max_pool2d's backward reads the offsets in place (max_pool3d's decodes them)
@@ -428,6 +452,50 @@ std::shared_ptr<const Codec> adaptive_window_codec(const at::Tensor& input, cons
   append_extents<N>(key, last<N>(indices.sizes()));
   return window_codec(key, Reader::None, [&] { return adaptive_windows(part_of<N>(key, 0), part_of<N>(key, 1)); });
 }
+
+std::atomic<bool> one_pass_installed{false};  // max_pool2d_cpu is installed
+
+// Asks max_pool2d_cpu for the one-pass forward during the one stock call it spans, where the
+// call qualifies: the caller drops the indices, the input is a plain contiguous float or double
+// tensor (no forward-mode gradient, which stock computes from the indices), and the windows are
+// tiles.
+class TilePoolingRequest {
+ public:
+  TilePoolingRequest(ThreadState& thread, const at::Tensor& input, at::IntArrayRef kernel, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode)
+      : thread_(thread), before_(thread.tile_pooling) {
+    const auto all = [](at::IntArrayRef values, int64_t value) {
+      return (values.size() == 1 || values.size() == 2) &&
+             std::all_of(values.begin(), values.end(), [&](int64_t v) { return v == value; });
+    };
+    if (thread.outputs_held != 0 || !one_pass_installed.load(std::memory_order_acquire)) return;
+    if (!(input.dim() == 3 || input.dim() == 4) || !float_or_double(input.scalar_type()) || !all(kernel, 2) ||
+        !(stride.empty() || all(stride, 2)) || !all(padding, 0) || !all(dilation, 1))
+      return;
+    if (input.numel() == 0 || input.size(-2) < 2 || input.size(-1) < 2 || !input.is_contiguous() ||
+        input.suggest_memory_format() != at::MemoryFormat::Contiguous || !input.device().is_cpu() ||
+        input._fw_grad(0).defined())
+      return;
+    // stock's output size (pooling_output_shape) for a window of 2, stride 2, no padding
+    const auto pooled = [&](int64_t size) {
+      const int64_t out = (size - 2 + ceil_mode) / 2 + 1;
+      return ceil_mode && (out - 1) * 2 >= size ? out - 1 : out;
+    };
+    const int64_t out_sizes[2] = {pooled(input.size(-2)), pooled(input.size(-1))};
+    pass_.codec = regular_window_codec<2>(input.sizes(), out_sizes, kernel, stride, padding, dilation);
+    if (!pass_.codec || pass_.codec->windows->tiles.in_width == 0) return;
+    pass_.input = input.unsafeGetTensorImpl();
+    thread.tile_pooling = &pass_;
+  }
+  ~TilePoolingRequest() { thread_.tile_pooling = before_; }
+  TilePoolingRequest(const TilePoolingRequest&) = delete;
+  TilePoolingRequest& operator=(const TilePoolingRequest&) = delete;
+
+ private:
+  ThreadState& thread_;
+  TilePooling* before_;
+  TilePooling pass_;
+};
 
 // -- the rules (ops/*.py) ---------------------------------------------------------------------------
 // Rule<Op>: `can_save(args...)` (default: yes) and `saved(saved, node, outputs, site, args...)`.
@@ -657,7 +725,7 @@ struct RegularMaxPoolRule : AnyCall {
                     at::IntArrayRef dilation, bool) {
     auto& n = node_as<N>(node);
     max_pool_slots(s, n.self_, n.result1_, input, out[1], site,
-                   [&] { return regular_window_codec<Dims>(input, out[1], kernel, stride, padding, dilation); });
+                   [&] { return regular_window_codec<Dims>(input.sizes(), out[1].sizes(), kernel, stride, padding, dilation); });
   }
 };
 template <> struct Rule<at::_ops::max_pool2d_with_indices> : RegularMaxPoolRule<gen::MaxPool2DWithIndicesBackward0, 2> {};
@@ -850,6 +918,8 @@ struct Kernel<Op, Ret(Args...)> : Captured<Kernel<Op>, Ret(Args...)> {
     if constexpr (kInPlace) {
       previous = std::get<0>(std::forward_as_tuple(args...)).grad_fn();
     }
+    std::optional<TilePoolingRequest> one_pass;
+    if constexpr (std::is_same_v<Op, at::_ops::max_pool2d_with_indices>) one_pass.emplace(thread, args...);
     Ret result = call(stock, ks, args...);
     const Outputs outputs = outputs_of(result);
     const NodePtr& node = outputs[0].grad_fn();
@@ -894,10 +964,6 @@ struct StockCpu : Captured<StockCpu<Op>, typename Op::schema> {};
 bool plain_strided_cpu(const at::Tensor& t) {
   return t.defined() && t.layout() == at::kStrided && t.device().is_cpu() && (t.key_set() & kNotEager).empty() &&
          !t.is_conj() && !t.is_neg();
-}
-
-bool float_or_double(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kDouble;
 }
 
 // threshold_backward(grad, y, 0) is grad where y > 0 (or NaN), else +0: where `y` is a ghost
@@ -950,20 +1016,56 @@ at::Tensor max_pool2d_backward_cpu(c10::DispatchKeySet ks, const at::Tensor& gra
   return MaxPool2dBackwardCpu::call_stock(ks, grad, self, kernel_size, stride, padding, dilation, ceil_mode, indices);
 }
 
+// -- max pooling's forward in one pass (TilePooling) ---------------------------------------------------
+// The CPU kernel of max_pool2d_with_indices: the one-pass forward where this thread's call asked
+// for it (TilePoolingRequest), stock's kernel for any other call.
+using MaxPool2dCpu = StockCpu<at::_ops::max_pool2d_with_indices>;
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(c10::DispatchKeySet ks, const at::Tensor& self,
+                                                  at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                  at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+  if (C10_UNLIKELY(tls_active)) {
+    TilePooling* pass = thread_state().tile_pooling;
+    if (pass && pass->input == self.unsafeGetTensorImpl() && pass->offsets.empty()) {
+      TileMaxima made = max_pool_tiles(self, *pass->codec->windows);
+      pass->offsets = std::move(made.offsets);
+      Layout indices;
+      indices.sizes.assign(made.out.sizes().begin(), made.out.sizes().end());
+      indices.strides.assign(made.out.strides().begin(), made.out.strides().end());
+      indices.dtype = at::kLong;
+      return {std::move(made.out), make_ghost(indices)};
+    }
+  }
+  return MaxPool2dCpu::call_stock(ks, self, kernel_size, stride, padding, dilation, ceil_mode);
+}
+
+// -- installing the CPU kernels ---------------------------------------------------------------------------
 std::unique_ptr<torch::Library> cpu_library;
 
 template <class Op, class Fn>
-void install_reader(Reader reader, Fn* kernel) {
-  if (readers_installed[size_t(reader)].load(std::memory_order_acquire)) return;
+void install_cpu_kernel(Fn* kernel) {
   capture_stock<StockCpu<Op>>(Op::name, Op::overload_name, c10::DispatchKey::CPU);
   if (!cpu_library)
     cpu_library = std::make_unique<torch::Library>(torch::Library::IMPL, "aten", c10::DispatchKey::CPU, __FILE__, __LINE__);
   cpu_library->impl(Op::name, torch::CppFunction::makeFromUnboxedFunction(kernel));
+}
+
+template <class Op, class Fn>
+void install_reader(Reader reader, Fn* kernel) {
+  if (readers_installed[size_t(reader)].load(std::memory_order_acquire)) return;
+  install_cpu_kernel<Op>(kernel);
   readers_installed[size_t(reader)].store(true, std::memory_order_release);
 }
 
-void uninstall_readers() {
+void install_one_pass_pooling() {
+  if (one_pass_installed.load(std::memory_order_acquire)) return;
+  install_cpu_kernel<at::_ops::max_pool2d_with_indices>(&max_pool2d_cpu);
+  one_pass_installed.store(true, std::memory_order_release);
+}
+
+void uninstall_cpu_kernels() {
   for (auto& installed : readers_installed) installed.store(false, std::memory_order_release);
+  one_pass_installed.store(false, std::memory_order_release);
   cpu_library.reset();
 }
 
@@ -1049,14 +1151,16 @@ void install(const std::vector<int>& ops) {
     }
     if (op == k_relu || op == k_relu_)
       install_reader<at::_ops::threshold_backward>(Reader::ThresholdBackward, &threshold_backward_cpu);
-    if (op == k_max_pool2d_with_indices)
+    if (op == k_max_pool2d_with_indices) {
       install_reader<at::_ops::max_pool2d_with_indices_backward>(Reader::MaxPool2dBackward, &max_pool2d_backward_cpu);
+      install_one_pass_pooling();
+    }
   }
 }
 
 void uninstall() {
   std::lock_guard<std::mutex> lock(install_mutex);
-  uninstall_readers();
+  uninstall_cpu_kernels();
   library.reset();
   installed.assign(installed.size(), false);
   pooling_scopes_installed = false;

@@ -13,7 +13,8 @@
 
 namespace memsave {
 
-enum class Decision : uint8_t { Keep, Drop, Encode, EncodeWhenUnshared };
+// Encoded: the forward pass made the encoding itself (`made`); the tensor stock saves is a ghost.
+enum class Decision : uint8_t { Keep, Drop, Encode, EncodeWhenUnshared, Encoded };
 
 // One slot of the node, the tensor stock saves there (undefined: none), and its fate.
 struct SlotDecision {
@@ -21,6 +22,7 @@ struct SlotDecision {
   at::Tensor tensor;
   Decision decision;
   std::shared_ptr<const Codec> codec;
+  KeptTensors made = {};
 };
 
 using Decisions = c10::SmallVector<SlotDecision, 6>;
