@@ -617,33 +617,28 @@ def test_max_pool_2x2_tiles_write_each_gradient_once_like_stock(compiled_engine,
     assert_bit_identical(ours[0], stock[0], "gradient")
 
 
-def _nan(payload: int, dtype: torch.dtype) -> torch.Tensor:
-    """A quiet NaN with its own payload, to tell NaNs apart by their bits."""
+def _nan(payload: int, dtype: torch.dtype, *, quiet: bool = True) -> torch.Tensor:
+    """A NaN with its own payload, to tell NaNs apart by their bits (quiet, or signalling:
+    arithmetic would quiet it, a copy keeps it)."""
     if dtype == torch.float64:
-        return torch.tensor([0x7FF8000000000000 | payload], dtype=torch.int64).view(torch.float64)
-    return torch.tensor([0x7FC00000 | payload], dtype=torch.int32).view(torch.float32)
+        return torch.tensor([(0x7FF8000000000000 if quiet else 0x7FF0000000000000) | payload]).view(torch.float64)
+    return torch.tensor([(0x7FC00000 if quiet else 0x7F800000) | payload], dtype=torch.int32).view(torch.float32)
 
 
 def _with_special_tiles(x: torch.Tensor) -> torch.Tensor:
-    """x with its first 2x2 tiles (row-major over planes and rows of tiles) set to the cases
-    stock's loop decides: all -inf, two NaNs (the last wins), -0.0 before +0.0 (the first of a
-    tie wins), four ties, a NaN before a larger value, -inf up to the last."""
-    nan_a, nan_b, nan_c = (_nan(k, x.dtype).item() for k in (1, 2, 3))
+    """x with its first 2x2 tiles (row-major over planes and rows of tiles: the first outputs)
+    set to the cases stock's loop decides: all -inf, two NaNs (the last wins), -0.0 before +0.0
+    (the first of a tie wins), four ties, a NaN before a larger value, -inf up to the last, a
+    signalling NaN first."""
+    nan_a, nan_b, nan_c, signalling = _nan(1, x.dtype), _nan(2, x.dtype), _nan(3, x.dtype), _nan(4, x.dtype, quiet=False)
     inf = float("inf")
     patterns = [[-inf, -inf, -inf, -inf], [nan_a, 1.0, nan_b, 2.0], [-0.0, 0.0, -1.0, -2.0], [0.5, 0.5, 0.5, 0.5],
-                [1.0, nan_c, 3.0, 2.0], [-inf, -inf, -inf, 1.0], [0.0, -0.0, 0.0, -0.0]]
+                [1.0, nan_c, 3.0, 2.0], [-inf, -inf, -inf, 1.0], [0.0, -0.0, 0.0, -0.0], [signalling, 1.0, 2.0, 3.0]]
     planes = x.detach().view(-1, x.shape[-2], x.shape[-1])
     tiles = [(p, r, c) for p in range(planes.shape[0]) for r in range(planes.shape[1] // 2) for c in range(planes.shape[2] // 2)]
     for (p, r, c), values in zip(tiles, patterns):
-        for k, value in enumerate(values):
-            planes[p, 2 * r + k // 2, 2 * c + k % 2] = torch.tensor(value, dtype=torch.float64).to(x.dtype)
-    # NaN payloads survive the float64 round trip only for float64: set float32's bits directly
-    if x.dtype == torch.float32 and len(tiles) > 1:
-        p, r, c = tiles[1]
-        planes[p, 2 * r, 2 * c], planes[p, 2 * r + 1, 2 * c] = _nan(1, x.dtype)[0], _nan(2, x.dtype)[0]
-    if x.dtype == torch.float32 and len(tiles) > 4:
-        p, r, c = tiles[4]
-        planes[p, 2 * r, 2 * c + 1] = _nan(3, x.dtype)[0]
+        for k, value in enumerate(values):  # (NaNs as tensors: a Python float would not keep their bits)
+            planes[p, 2 * r + k // 2, 2 * c + k % 2] = value[0] if isinstance(value, torch.Tensor) else value
     return x
 
 
@@ -664,12 +659,13 @@ def test_max_pool_2x2_tiles_forward_in_one_pass_like_stock(compiled_engine, dtyp
     with torch.no_grad():
         out_shape = pool(x).shape
     grad = seeded_randn(*out_shape, seed=5, dtype=dtype)
-    grad.view(-1)[::3] = -0.0
+    grad.view(-1)[8::3] = -0.0  # (not on the special tiles: their gradients tell where the offsets point)
 
     def forward_and_backward():
         y = pool(x * 1)
+        indices = y.grad_fn._saved_result1  # the offsets, decoded for Python code under the mode
         (dx,) = torch.autograd.grad(y, x, grad)
-        return y.detach(), dx
+        return y.detach(), indices, dx
 
     stock = forward_and_backward()
     one_pass_before = extension.load().tile_poolings()
@@ -678,8 +674,8 @@ def test_max_pool_2x2_tiles_forward_in_one_pass_like_stock(compiled_engine, dtyp
     partial = ceil_mode and (shape[-1] % 2 or shape[-2] % 2)
     assert extension.load().tile_poolings() - one_pass_before == (0 if partial else 1)
     assert "2-bit window offsets" in mode.report()["max_pool2d_with_indices"].encodings
-    assert_bit_identical(ours[0], stock[0], "output")
-    assert_bit_identical(ours[1], stock[1], "gradient")
+    for a, b, what in zip(ours, stock, ["output", "indices", "gradient"]):
+        assert_bit_identical(a, b, what)
 
 
 def _dual_max_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -699,6 +695,7 @@ NOT_ONE_PASS = {
     "padding": lambda x: F.max_pool2d(x, 2, padding=1),
     "dilation": lambda x: F.max_pool2d(x, 2, dilation=2),
     "1-d": lambda x: F.max_pool1d(x.flatten(-2), 2),
+    "batch 0": lambda x: F.max_pool2d(x[:0], 2),
     "a forward-mode gradient": _dual_max_pool,
 }
 
@@ -719,6 +716,54 @@ def test_max_pool_one_pass_only_where_nothing_reads_the_indices(compiled_engine,
     stock, ours = (r if isinstance(r, tuple) else (r,) for r in (stock, ours))
     for a, b in zip(ours, stock, strict=True):
         assert_bit_identical(a, b, "output")
+
+
+@pytest.mark.parametrize("size", [(1, 8), (8, 1)])
+def test_max_pool_one_pass_leaves_stock_s_errors_to_stock(compiled_engine, size):
+    """An input too small for a 2x2 window: stock's own error, word for word."""
+    x = _x(2, 3, *size)
+    with pytest.raises(RuntimeError) as stock:
+        F.max_pool2d(x, 2)
+    with MemSaveMode(), pytest.raises(RuntimeError) as ours:
+        F.max_pool2d(x, 2)
+    assert str(ours.value) == str(stock.value)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # anomaly mode's announcement
+def test_max_pool_called_inside_another_is_a_call_of_its_own(compiled_engine):
+    """Python code that runs inside a max pooling's call (here a profiler hook, while anomaly
+    mode records the call's stack) and pools with the indices returned gets stock's indices:
+    it is its own caller, not the composite's that drops them, and the outer call's one-pass
+    request is not its to take."""
+    x = _with_special_tiles(_x(1, 2, 4, 6, specials=True, requires_grad=False)).requires_grad_(True)
+    other = _x(1, 2, 4, 6)
+
+    def pool_inside(inner_input):
+        nested = []
+
+        def profile(frame, event, arg):
+            if event == "call" and not nested and "traceback" in frame.f_code.co_filename:
+                sys.setprofile(None)
+                nested.extend(F.max_pool2d(inner_input * 1, 2, return_indices=True))
+
+        with torch.autograd.detect_anomaly():
+            outer_input = x * 1  # (its node records a stack too: before the hook)
+            sys.setprofile(profile)
+            try:
+                y = F.max_pool2d(outer_input, 2)
+            finally:
+                sys.setprofile(None)
+        assert nested, "the hook never ran inside the call"
+        return (y, *nested)
+
+    for inner_input in (x, other):
+        stock = pool_inside(inner_input)
+        one_pass_before = extension.load().tile_poolings()
+        with MemSaveMode():
+            ours = pool_inside(inner_input)
+        assert extension.load().tile_poolings() - one_pass_before == 1  # the outer call's
+        for a, b, what in zip(ours, stock, ["output", "nested output", "nested indices"], strict=True):
+            assert_bit_identical(a, b, what)
 
 
 def test_max_pool_offsets_read_in_place_serve_a_second_backward(compiled_engine):

@@ -1010,7 +1010,7 @@ __attribute__((target("avx2"))) inline __m256 replaces(__m256 value, __m256 best
 
 // tile_maximum for eight tiles of a row at a time, up to the run's last whole eight; returns
 // how many it took.
-__attribute__((target("avx2"))) int64_t tile_maxima_avx2(const float* top, int64_t width, float* out, uint8_t* low,
+__attribute__((target("avx2"))) int64_t scan_tiles_avx2(const float* top, int64_t width, float* out, uint8_t* low,
                                                          uint8_t* high, int64_t e, int64_t run) {
   int64_t r = 0;
   for (; r + 8 <= run; r += 8) {
@@ -1036,7 +1036,7 @@ __attribute__((target("avx2"))) int64_t tile_maxima_avx2(const float* top, int64
 #endif
 
 template <class T>
-void tile_maxima(const T* input, const PoolingWindows::Tiles& tiles, T* out, uint8_t* low, uint8_t* high, int64_t n) {
+void scan_tiles(const T* input, const PoolingWindows::Tiles& tiles, T* out, uint8_t* low, uint8_t* high, int64_t n) {
   const int64_t columns = tiles.out_width, out_plane = tiles.out_height * columns;
   const int64_t width = tiles.in_width, in_plane = tiles.in_height * width;
   at::parallel_for(0, (n + 7) / 8, kGrain / 8, [&](int64_t u0, int64_t u1) {  // a task owns whole bytes of the planes
@@ -1050,7 +1050,7 @@ void tile_maxima(const T* input, const PoolingWindows::Tiles& tiles, T* out, uin
       int64_t r = 0;
 #if defined(__x86_64__)
       if constexpr (std::is_same_v<T, float>) {
-        if (kAvx2) r = tile_maxima_avx2(top, width, out + e, low, high, e, run);
+        if (kAvx2) r = scan_tiles_avx2(top, width, out + e, low, high, e, run);
       }
 #endif
       for (; r < run; ++r) {
@@ -1067,14 +1067,14 @@ void tile_maxima(const T* input, const PoolingWindows::Tiles& tiles, T* out, uin
 
 std::atomic<int64_t> tile_poolings{0};
 
-TileMaxima max_pool_tiles(const at::Tensor& input, const PoolingWindows& windows) {
+PooledTiles max_pool_tiles(const at::Tensor& input, const PoolingWindows& windows) {
   const PoolingWindows::Tiles& tiles = windows.tiles;
   TORCH_INTERNAL_ASSERT(tiles.in_width > 0 && input.is_contiguous() && input.dim() >= 3 &&
                         input.size(-2) == tiles.in_height && input.size(-1) == tiles.in_width);
   c10::SmallVector<int64_t, 4> sizes(input.sizes().begin(), input.sizes().end());
   sizes[sizes.size() - 2] = tiles.out_height;
   sizes[sizes.size() - 1] = tiles.out_width;
-  TileMaxima made;
+  PooledTiles made;
   made.out = at::detail::empty_cpu(sizes, input.scalar_type(), false, std::nullopt);
   const int64_t n = made.out.numel();
   made.offsets = {empty_bytes((n + 7) / 8), empty_bytes((n + 7) / 8)};
@@ -1082,10 +1082,10 @@ TileMaxima max_pool_tiles(const at::Tensor& input, const PoolingWindows& windows
   uint8_t* high = made.offsets[1].mutable_data_ptr<uint8_t>();
   switch (input.scalar_type()) {
     case at::kFloat:
-      tile_maxima(input.const_data_ptr<float>(), tiles, made.out.mutable_data_ptr<float>(), low, high, n);
+      scan_tiles(input.const_data_ptr<float>(), tiles, made.out.mutable_data_ptr<float>(), low, high, n);
       break;
     case at::kDouble:
-      tile_maxima(input.const_data_ptr<double>(), tiles, made.out.mutable_data_ptr<double>(), low, high, n);
+      scan_tiles(input.const_data_ptr<double>(), tiles, made.out.mutable_data_ptr<double>(), low, high, n);
       break;
     default: TORCH_INTERNAL_ASSERT(false, "memsave: no one-pass max pooling for ", input.scalar_type());
   }

@@ -89,11 +89,11 @@ extern std::atomic<int64_t> tile_scatters;
 // dimensions the plane), in one pass: each tile's maximum as stock's kernel picks it (the first
 // largest value, or the last NaN), and its window offset in the two bit planes encode_offsets
 // would write from stock's indices. No int64 indices are made.
-struct TileMaxima {
+struct PooledTiles {
   at::Tensor out;  // laid out as stock's (contiguous)
   KeptTensors offsets;
 };
-TileMaxima max_pool_tiles(const at::Tensor& input, const PoolingWindows& windows);
+PooledTiles max_pool_tiles(const at::Tensor& input, const PoolingWindows& windows);
 // How many forwards ran so: what tests read.
 extern std::atomic<int64_t> tile_poolings;
 

@@ -126,11 +126,7 @@ bool read_by_a_formula_only() {
 }
 
 at::Tensor encoding_on_ghost(std::shared_ptr<const Codec> codec, const Encoded& encoded) {
-  Layout layout;
-  layout.sizes.assign(encoded.sizes.begin(), encoded.sizes.end());
-  layout.strides.assign(encoded.strides.begin(), encoded.strides.end());
-  layout.dtype = encoded.dtype;
-  at::Tensor ghost = make_ghost(layout);  // its own TensorImpl: the bits ride on it
+  at::Tensor ghost = make_ghost(Layout::of(encoded.sizes, encoded.strides, encoded.dtype));  // its own TensorImpl: the bits ride on it
   ghost.unsafeGetTensorImpl()->set_backend_meta(c10::make_intrusive<EncodingOnGhost>(std::move(codec), encoded));
   return ghost;
 }
@@ -331,11 +327,7 @@ Encoded Codec::encode(const at::Tensor& tensor) const {
   Encoded out;
   if (windows) {
     if (!tensor.is_non_overlapping_and_dense()) return out;
-    out.kept = encode_offsets(tensor, *windows);
-    out.sizes.assign(tensor.sizes().begin(), tensor.sizes().end());
-    out.strides.assign(tensor.strides().begin(), tensor.strides().end());
-    out.dtype = at::kLong;
-    return out;
+    return encoded_offsets(tensor, encode_offsets(tensor, *windows));
   }
   // One pass over the tensor itself where the decision would have its very layout; otherwise
   // the decision first, as the Python engine makes it, then its bits.
@@ -347,6 +339,16 @@ Encoded Codec::encode(const at::Tensor& tensor) const {
   out.sizes.assign(source.sizes().begin(), source.sizes().end());
   out.strides.assign(source.strides().begin(), source.strides().end());
   out.dtype = tensor.scalar_type();
+  return out;
+}
+
+Encoded Codec::encoded_offsets(const at::Tensor& indices, KeptTensors offsets) const {
+  TORCH_INTERNAL_ASSERT(windows);
+  Encoded out;
+  out.kept = std::move(offsets);
+  out.sizes.assign(indices.sizes().begin(), indices.sizes().end());
+  out.strides.assign(indices.strides().begin(), indices.strides().end());
+  out.dtype = at::kLong;
   return out;
 }
 

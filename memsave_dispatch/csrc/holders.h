@@ -104,6 +104,8 @@ struct Codec {
   std::shared_ptr<const PoolingWindows> windows;
 
   Encoded encode(const at::Tensor& tensor) const;  // empty `kept`: cannot encode (keep the tensor)
+  // What encode(indices) makes of window offsets made without the indices (max_pool_tiles).
+  Encoded encoded_offsets(const at::Tensor& indices, KeptTensors offsets) const;
   at::Tensor decode(const Encoded& encoded) const;
 };
 
@@ -131,6 +133,13 @@ struct Layout {
   int64_t phase = 0;  // data pointer modulo 64 bytes, in elements
   bool operator==(const Layout& other) const {
     return dtype == other.dtype && phase == other.phase && sizes == other.sizes && strides == other.strides;
+  }
+  static Layout of(at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarType dtype) {
+    Layout layout;
+    layout.sizes.assign(sizes.begin(), sizes.end());
+    layout.strides.assign(strides.begin(), strides.end());
+    layout.dtype = dtype;
+    return layout;
   }
 };
 

@@ -13,6 +13,7 @@
 #include "torch_private.h"
 
 #include <ATen/SavedTensorHooks.h>
+#include <ATen/native/Pool.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/generated/Functions.h>
@@ -455,10 +456,10 @@ std::shared_ptr<const Codec> adaptive_window_codec(const at::Tensor& input, cons
 
 std::atomic<bool> one_pass_installed{false};  // max_pool2d_cpu is installed
 
-// Asks max_pool2d_cpu for the one-pass forward during the one stock call it spans, where the
-// call qualifies: the caller drops the indices, the input is a plain contiguous float or double
-// tensor (no forward-mode gradient, which stock computes from the indices), and the windows are
-// tiles.
+// Asks max_pool2d_cpu for the one-pass forward, from just before stock's autograd kernel runs
+// until the rule has read the offsets (the route's end), where the call qualifies: the caller
+// drops the indices, the input is a plain contiguous float or double tensor (no forward-mode
+// gradient, which stock computes from the indices), and the windows are tiles.
 class TilePoolingRequest {
  public:
   TilePoolingRequest(ThreadState& thread, const at::Tensor& input, at::IntArrayRef kernel, at::IntArrayRef stride,
@@ -469,6 +470,8 @@ class TilePoolingRequest {
              std::all_of(values.begin(), values.end(), [&](int64_t v) { return v == value; });
     };
     if (thread.outputs_held != 0 || !one_pass_installed.load(std::memory_order_acquire)) return;
+    // The one-pass kernel runs none of stock's argument checks: these stand in for them (list
+    // lengths, dims, sizes that leave an output), leaving every call stock would reject to stock.
     if (!(input.dim() == 3 || input.dim() == 4) || !float_or_double(input.scalar_type()) || !all(kernel, 2) ||
         !(stride.empty() || all(stride, 2)) || !all(padding, 0) || !all(dilation, 1))
       return;
@@ -476,12 +479,8 @@ class TilePoolingRequest {
         input.suggest_memory_format() != at::MemoryFormat::Contiguous || !input.device().is_cpu() ||
         input._fw_grad(0).defined())
       return;
-    // stock's output size (pooling_output_shape) for a window of 2, stride 2, no padding
-    const auto pooled = [&](int64_t size) {
-      const int64_t out = (size - 2 + ceil_mode) / 2 + 1;
-      return ceil_mode && (out - 1) * 2 >= size ? out - 1 : out;
-    };
-    const int64_t out_sizes[2] = {pooled(input.size(-2)), pooled(input.size(-1))};
+    const int64_t out_sizes[2] = {at::native::pooling_output_shape<int64_t>(input.size(-2), 2, 0, 2, 1, ceil_mode),
+                                  at::native::pooling_output_shape<int64_t>(input.size(-1), 2, 0, 2, 1, ceil_mode)};
     pass_.codec = regular_window_codec<2>(input.sizes(), out_sizes, kernel, stride, padding, dilation);
     if (!pass_.codec || pass_.codec->windows->tiles.in_width == 0) return;
     pass_.input = input.unsafeGetTensorImpl();
@@ -792,6 +791,30 @@ constexpr bool kMaxPoolWithIndices =
     std::is_same_v<Op, at::_ops::max_pool2d_with_indices> || std::is_same_v<Op, at::_ops::max_pool3d_with_indices> ||
     std::is_same_v<Op, at::_ops::adaptive_max_pool2d> || std::is_same_v<Op, at::_ops::adaptive_max_pool3d>;
 
+// A max pooling called while another one runs (Python code run inside stock's autograd kernel:
+// anomaly mode's stack capture, a profiler hook) has a caller of its own, outside any composite
+// operator: it neither belongs to the outer call's caller nor may take its one-pass request.
+class PoolingReentered {
+ public:
+  explicit PoolingReentered(ThreadState& thread)
+      : thread_(thread), on_(thread.outputs_held != -1), depth_(thread.pooling_depth), pass_(thread.tile_pooling) {
+    if (!on_) return;
+    thread.pooling_depth = 0;
+    thread.tile_pooling = nullptr;
+  }
+  ~PoolingReentered() {
+    if (!on_) return;
+    thread_.pooling_depth = depth_;
+    thread_.tile_pooling = pass_;
+  }
+
+ private:
+  ThreadState& thread_;
+  bool on_;
+  int depth_;
+  TilePooling* pass_;
+};
+
 class OutputsHeld {
  public:
   explicit OutputsHeld(ThreadState& thread) : thread_(thread), before_(thread.outputs_held) {
@@ -884,6 +907,7 @@ struct Kernel<Op, Ret(Args...)> : Captured<Kernel<Op>, Ret(Args...)> {
     ThreadState& thread = thread_state();
     if constexpr (kMaxPoolWithIndices<Op>) {
       if (thread.scopes.back()->entries[index].compiled) {  // (the Python engine asks its TorchFunctionMode)
+        PoolingReentered reentered(thread);
         OutputsHeld held(thread);
         return route(thread, ks, args...);
       }
@@ -1027,13 +1051,10 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(c10::DispatchKeySet ks, const 
   if (C10_UNLIKELY(tls_active)) {
     TilePooling* pass = thread_state().tile_pooling;
     if (pass && pass->input == self.unsafeGetTensorImpl() && pass->offsets.empty()) {
-      TileMaxima made = max_pool_tiles(self, *pass->codec->windows);
+      PooledTiles made = max_pool_tiles(self, *pass->codec->windows);
       pass->offsets = std::move(made.offsets);
-      Layout indices;
-      indices.sizes.assign(made.out.sizes().begin(), made.out.sizes().end());
-      indices.strides.assign(made.out.strides().begin(), made.out.strides().end());
-      indices.dtype = at::kLong;
-      return {std::move(made.out), make_ghost(indices)};
+      at::Tensor indices = make_ghost(Layout::of(made.out.sizes(), made.out.strides(), at::kLong));
+      return {std::move(made.out), std::move(indices)};
     }
   }
   return MaxPool2dCpu::call_stock(ks, self, kernel_size, stride, padding, dilation, ceil_mode);
@@ -1057,6 +1078,9 @@ void install_reader(Reader reader, Fn* kernel) {
   readers_installed[size_t(reader)].store(true, std::memory_order_release);
 }
 
+// Over stock's forward kernel, for every thread: as every kernel here, installed when a mode first
+// handles the operator and left installed (engine.py: the dispatcher's tables are not safe to
+// change under other threads); outside a mode a call reads one thread-local flag, then stock's.
 void install_one_pass_pooling() {
   if (one_pass_installed.load(std::memory_order_acquire)) return;
   install_cpu_kernel<at::_ops::max_pool2d_with_indices>(&max_pool2d_cpu);

@@ -61,16 +61,6 @@ Label label_of(const SlotDecision& d) {
   }
 }
 
-// What Codec::encode would have made of the tensor the encoding stands for.
-Encoded made_encoding(const at::Tensor& stand_in, const KeptTensors& kept) {
-  Encoded encoded;
-  encoded.kept = kept;
-  encoded.sizes.assign(stand_in.sizes().begin(), stand_in.sizes().end());
-  encoded.strides.assign(stand_in.strides().begin(), stand_in.strides().end());
-  encoded.dtype = stand_in.scalar_type();
-  return encoded;
-}
-
 int output_index(const at::Tensor& tensor, const Outputs& outputs) {
   for (size_t i = 0; i < outputs.size(); ++i)
     if (outputs[i].is_same(tensor)) return int(i);
@@ -106,7 +96,7 @@ Outcome apply(const NodePtr& node, const Decisions& saved, const Outputs& output
       case Decision::Encode:
       case Decision::Encoded: {
         auto core = std::make_shared<EncodedCore>(std::move(origin), d.codec, false);
-        if (d.decision == Decision::Encoded) core->encoded = made_encoding(tensor, d.made);
+        if (d.decision == Decision::Encoded) core->encoded = d.codec->encoded_offsets(tensor, d.made);
         hook(*d.slot, core);
         std::lock_guard<std::mutex> lock(core->mutex);
         encoded_bytes += core->encoded.nbytes();

@@ -13,7 +13,7 @@
 
 namespace memsave {
 
-// Encoded: the forward pass made the encoding itself (`made`); the tensor stock saves is a ghost.
+// Encoded: the forward pass made the window offsets itself (`made`); the indices stock saves are a ghost.
 enum class Decision : uint8_t { Keep, Drop, Encode, EncodeWhenUnshared, Encoded };
 
 // One slot of the node, the tensor stock saves there (undefined: none), and its fate.
