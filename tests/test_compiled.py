@@ -643,37 +643,53 @@ def _with_special_tiles(x: torch.Tensor) -> torch.Tensor:
 
 
 ONE_PASS_SHAPES = [*TILE_SHAPES, (3, 6, 8), (2, 5, 8, 19), (2, 17, 70, 70)]  # the last over several tasks
+WINDOW_SHAPES = [(2, 3, 16, 16), (1, 2, 17, 33), (3, 9, 35), (1, 3, 64, 64), (2, 17, 70, 70)]
+# F.max_pool2d's arguments, and the shapes to pool: 2x2 tiles keep two bit planes, windows of
+# more than four positions a byte each (eight outputs at a time with AVX2 at stride 2 along rows)
+ONE_PASS_POOLS = {
+    "2x2": (dict(kernel_size=2), ONE_PASS_SHAPES),
+    "3x3 stride 2 padding 1 (ResNet's)": (dict(kernel_size=3, stride=2, padding=1), WINDOW_SHAPES),
+    "3x3 stride 1 padding 1": (dict(kernel_size=3, stride=1, padding=1), WINDOW_SHAPES),
+    "3x5 stride (1, 2) padding (1, 2) dilation (2, 1)": (
+        dict(kernel_size=(3, 5), stride=(1, 2), padding=(1, 2), dilation=(2, 1)), WINDOW_SHAPES),
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape,ceil_mode", [(shape, False) for shape in ONE_PASS_SHAPES]
-                         + [(shape, True) for shape in ONE_PASS_SHAPES])
-def test_max_pool_2x2_tiles_forward_in_one_pass_like_stock(compiled_engine, dtype, shape, ceil_mode):
-    """Where the caller drops the indices (F.max_pool2d) and 2x2 windows with stride 2 tile the
-    input, the CPU kernel finds each tile's maximum and its window offset in one pass, with no
-    int64 indices: stock's output bit for bit and laid out as stock's (the first of tied values,
-    the last NaN by its payload, an all -inf tile, -0.0 against +0.0), and stock's gradient.
-    Ceil mode on an odd size has partial windows, which are no tiles: stock's kernel runs."""
-    x = _with_special_tiles(_x(*shape, dtype=dtype, specials=True, requires_grad=False)).requires_grad_(True)
-    pool = lambda t: F.max_pool2d(t, 2, ceil_mode=ceil_mode)
+@pytest.mark.parametrize("pool,shape,ceil_mode", [(pool, shape, ceil_mode) for pool, (_, shapes) in ONE_PASS_POOLS.items()
+                                                  for shape in shapes for ceil_mode in (False, True)])
+def test_max_pool_forward_in_one_pass_like_stock(compiled_engine, dtype, pool, shape, ceil_mode):
+    """Where the caller drops the indices (F.max_pool2d), the CPU kernel finds each window's
+    maximum and its window offset in one pass, with no int64 indices: stock's output bit for bit
+    and laid out as stock's (the first of tied values, the last NaN by its payload, an all -inf
+    window, -0.0 against +0.0, windows clipped by padding and ceil mode), stock's indices once
+    decoded, and stock's gradient. 2x2 windows in ceil mode on an odd size are partly outside
+    the input: no tiles, and too few positions for a byte each, so stock's kernel runs."""
+    kwargs, _ = ONE_PASS_POOLS[pool]
+    x = _with_special_tiles(_x(*shape, dtype=dtype, specials=True, requires_grad=False))
+    x.view(-1, *shape[-2:])[-1, :3] = float("-inf")  # whole windows of -inf, some clipped by the padding
+    x.requires_grad_(True)
+    pool_fn = lambda t: F.max_pool2d(t, ceil_mode=ceil_mode, **kwargs)
     with torch.no_grad():
-        out_shape = pool(x).shape
+        out_shape = pool_fn(x).shape
     grad = seeded_randn(*out_shape, seed=5, dtype=dtype)
     grad.view(-1)[8::3] = -0.0  # (not on the special tiles: their gradients tell where the offsets point)
 
     def forward_and_backward():
-        y = pool(x * 1)
+        y = pool_fn(x * 1)
         indices = y.grad_fn._saved_result1  # the offsets, decoded for Python code under the mode
         (dx,) = torch.autograd.grad(y, x, grad)
         return y.detach(), indices, dx
 
     stock = forward_and_backward()
-    one_pass_before = extension.load().tile_poolings()
+    one_pass_before = extension.load().one_pass_poolings()
     with MemSaveMode() as mode:
         ours = forward_and_backward()
-    partial = ceil_mode and (shape[-1] % 2 or shape[-2] % 2)
-    assert extension.load().tile_poolings() - one_pass_before == (0 if partial else 1)
-    assert "2-bit window offsets" in mode.report()["max_pool2d_with_indices"].encodings
+    two_bits = pool == "2x2"
+    partial = two_bits and ceil_mode and (shape[-1] % 2 or shape[-2] % 2)
+    assert extension.load().one_pass_poolings() - one_pass_before == (0 if partial else 1)
+    label = "2-bit window offsets" if two_bits else "uint8 window offsets"
+    assert label in mode.report()["max_pool2d_with_indices"].encodings
     for a, b, what in zip(ours, stock, ["output", "indices", "gradient"]):
         assert_bit_identical(a, b, what)
 
@@ -691,9 +707,10 @@ NOT_ONE_PASS = {
     "channels_last": lambda x: F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 2),
     "a transposed view": lambda x: F.max_pool2d(x.transpose(-1, -2), 2),
     "bfloat16": lambda x: F.max_pool2d(x.to(torch.bfloat16), 2),
-    "stride 1": lambda x: F.max_pool2d(x, 2, stride=1),
-    "padding": lambda x: F.max_pool2d(x, 2, padding=1),
-    "dilation": lambda x: F.max_pool2d(x, 2, dilation=2),
+    "2x2 stride 1 (no tiles, four positions)": lambda x: F.max_pool2d(x, 2, stride=1),
+    "2x2 padding 1": lambda x: F.max_pool2d(x, 2, padding=1),
+    "2x2 dilation 2": lambda x: F.max_pool2d(x, 2, dilation=2),
+    "a window too big for offsets (256 positions)": lambda x: F.max_pool2d(x.repeat(1, 1, 3, 2)[..., :17, :17], 16, 1),
     "1-d": lambda x: F.max_pool1d(x.flatten(-2), 2),
     "batch 0": lambda x: F.max_pool2d(x[:0], 2),
     "a forward-mode gradient": _dual_max_pool,
@@ -704,15 +721,15 @@ NOT_ONE_PASS = {
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # stock's forward-mode max pooling
 def test_max_pool_one_pass_only_where_nothing_reads_the_indices(compiled_engine, call):
     """Anywhere the indices reach the caller or stock's own formulas (the caller asked for
-    them, forward mode gathers the gradient with them), or the geometry or layout is not
-    tiles of a contiguous float tensor, stock's kernel runs: every output, indices included,
-    is stock's."""
+    them, forward mode gathers the gradient with them), or the layout is not a contiguous float
+    tensor, or the windows have four positions or fewer without tiling the input, or too many
+    for a byte, stock's kernel runs: every output, indices included, is stock's."""
     x = _with_special_tiles(_x(2, 3, 8, 10, specials=True, requires_grad=False)).requires_grad_(True)
     stock = NOT_ONE_PASS[call](x)
-    one_pass_before = extension.load().tile_poolings()
+    one_pass_before = extension.load().one_pass_poolings()
     with MemSaveMode():
         ours = NOT_ONE_PASS[call](x)
-    assert extension.load().tile_poolings() == one_pass_before
+    assert extension.load().one_pass_poolings() == one_pass_before
     stock, ours = (r if isinstance(r, tuple) else (r,) for r in (stock, ours))
     for a, b in zip(ours, stock, strict=True):
         assert_bit_identical(a, b, "output")
@@ -758,10 +775,10 @@ def test_max_pool_called_inside_another_is_a_call_of_its_own(compiled_engine):
 
     for inner_input in (x, other):
         stock = pool_inside(inner_input)
-        one_pass_before = extension.load().tile_poolings()
+        one_pass_before = extension.load().one_pass_poolings()
         with MemSaveMode():
             ours = pool_inside(inner_input)
-        assert extension.load().tile_poolings() - one_pass_before == 1  # the outer call's
+        assert extension.load().one_pass_poolings() - one_pass_before == 1  # the outer call's
         for a, b, what in zip(ours, stock, ["output", "nested output", "nested indices"], strict=True):
             assert_bit_identical(a, b, what)
 

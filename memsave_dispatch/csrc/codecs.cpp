@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -411,6 +412,15 @@ std::shared_ptr<const PoolingWindows> regular_windows(at::IntArrayRef in_sizes, 
   if (in_sizes.size() == 2 && all(kernel, 2) && all(stride, 2) && all(padding, 0) && all(dilation, 1) &&
       2 * out_sizes[0] <= in_sizes[0] && 2 * out_sizes[1] <= in_sizes[1])
     windows->tiles = {in_sizes[0], in_sizes[1], out_sizes[0], out_sizes[1]};
+  if (in_sizes.size() == 2)
+    for (size_t d = 0; d < 2; ++d) {
+      windows->grid.kernel[d] = kernel[d];
+      windows->grid.stride[d] = stride[d];
+      windows->grid.padding[d] = padding[d];
+      windows->grid.dilation[d] = dilation[d];
+      windows->grid.in[d] = in_sizes[d];
+      windows->grid.out[d] = out_sizes[d];
+    }
   return finish(std::move(windows));
 }
 
@@ -1063,33 +1073,133 @@ void scan_tiles(const T* input, const PoolingWindows::Tiles& tiles, T* out, uint
     }
   });
 }
+
+// A row of outputs of a 2-d pooling whose offsets are bytes (windows.grid), each window's
+// maximum as stock's loop finds it: from -inf on to each in-bounds value, row-major, that is
+// larger or NaN. A position is the value's place in the whole window, row-major: the offset
+// encode_offsets writes.
+template <class T>
+inline void scan_window(const T* plane, const PoolingWindows::Grid& g, int64_t ih0, int64_t ih1, int64_t a0, int64_t ow,
+                        T* out, uint8_t* position) {
+  const int64_t width = g.in[1], kernel = g.kernel[1], dilation = g.dilation[1];
+  int64_t iw0 = ow * g.stride[1] - g.padding[1], b0 = 0;
+  const int64_t iw1 = std::min(iw0 + (kernel - 1) * dilation + 1, width);
+  for (; iw0 < 0; iw0 += dilation) ++b0;
+  T best = -std::numeric_limits<T>::infinity();
+  int64_t at = a0 * kernel + b0;
+  for (int64_t ih = ih0, a = a0; ih < ih1; ih += g.dilation[0], ++a)
+    for (int64_t iw = iw0, b = b0; iw < iw1; iw += dilation, ++b) {
+      const T value = plane[ih * width + iw];
+      if (value > best || std::isnan(value)) best = value, at = a * kernel + b;
+    }
+  *out = best;
+  *position = uint8_t(at);
+}
+
+#if defined(__x86_64__)
+// The even floats of the 15 from `row` on: the values of eight windows' column, at a stride of
+// 2 (the 16th float is not read: it may lie past the input).
+__attribute__((target("avx2"))) inline __m256 every_other_float(const float* row) {
+  const __m256i first_seven = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, -1, 0);
+  const __m256 first = _mm256_loadu_ps(row), second = _mm256_maskload_ps(row + 8, first_seven);
+  return pairs_in_order(_mm256_shuffle_ps(first, second, 0x88));
+}
+
+// The same for eight outputs of a row at once, where the stride along it is 2 without dilation
+// and their windows lie inside the row.
+__attribute__((target("avx2"))) void scan_eight_windows_avx2(const float* plane, const PoolingWindows::Grid& g,
+                                                             int64_t ih0, int64_t ih1, int64_t a0, int64_t ow,
+                                                             float* out, uint8_t* position) {
+  const int64_t width = g.in[1], kernel = g.kernel[1], first_column = ow * 2 - g.padding[1];
+  __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 at = _mm256_castsi256_ps(_mm256_set1_epi32(int(a0 * kernel)));
+  for (int64_t ih = ih0, a = a0; ih < ih1; ih += g.dilation[0], ++a) {
+    const float* row = plane + ih * width + first_column;
+    for (int64_t b = 0; b < kernel; ++b) {
+      const __m256 value = every_other_float(row + b);
+      const __m256 larger = replaces(value, best);
+      best = _mm256_blendv_ps(best, value, larger);
+      at = _mm256_blendv_ps(at, _mm256_castsi256_ps(_mm256_set1_epi32(int(a * kernel + b))), larger);
+    }
+  }
+  _mm256_storeu_ps(out, best);
+  alignas(32) int32_t positions[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(positions), _mm256_castps_si256(at));
+  for (int j = 0; j < 8; ++j) position[j] = uint8_t(positions[j]);
+}
+#endif
+
+template <class T>
+void scan_windows(const T* input, const PoolingWindows::Grid& g, T* out, uint8_t* position, int64_t planes) {
+  const int64_t rows = g.out[0], columns = g.out[1], in_plane = g.in[0] * g.in[1];
+  const int64_t work = std::max<int64_t>(1, columns * g.kernel[0] * g.kernel[1]);
+  // eight outputs from `ow` on whose windows lie inside the row (scan_eight_windows_avx2): their
+  // first column at 0 or past it, their last window's last column inside
+  const int64_t first_inside = (g.padding[1] + 1) / 2;
+  const auto inside = [&](int64_t ow) { return ow >= first_inside && 2 * (ow + 7) - g.padding[1] + g.kernel[1] <= g.in[1]; };
+  at::parallel_for(0, planes * rows, std::max<int64_t>(1, kGrain / work), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t oh = r % rows;
+      const T* plane = input + (r / rows) * in_plane;
+      int64_t ih0 = oh * g.stride[0] - g.padding[0], a0 = 0;
+      const int64_t ih1 = std::min(ih0 + (g.kernel[0] - 1) * g.dilation[0] + 1, g.in[0]);
+      for (; ih0 < 0; ih0 += g.dilation[0]) ++a0;
+      T* row_out = out + r * columns;
+      uint8_t* row_position = position + r * columns;
+      int64_t ow = 0;
+#if defined(__x86_64__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (kAvx2 && g.stride[1] == 2 && g.dilation[1] == 1) {
+          for (; ow < std::min(first_inside, columns); ++ow) scan_window(plane, g, ih0, ih1, a0, ow, row_out + ow, row_position + ow);
+          for (; ow + 8 <= columns && inside(ow); ow += 8)
+            scan_eight_windows_avx2(plane, g, ih0, ih1, a0, ow, row_out + ow, row_position + ow);
+          if (ow < columns && columns >= 8 && ow > columns - 8 && inside(columns - 8)) {  // the last eight, again in part
+            scan_eight_windows_avx2(plane, g, ih0, ih1, a0, columns - 8, row_out + columns - 8, row_position + columns - 8);
+            ow = columns;
+          }
+        }
+      }
+#endif
+      for (; ow < columns; ++ow) scan_window(plane, g, ih0, ih1, a0, ow, row_out + ow, row_position + ow);
+    }
+  });
+}
 }  // namespace
 
-std::atomic<int64_t> tile_poolings{0};
+std::atomic<int64_t> one_pass_poolings{0};
 
-PooledTiles max_pool_tiles(const at::Tensor& input, const PoolingWindows& windows) {
-  const PoolingWindows::Tiles& tiles = windows.tiles;
-  TORCH_INTERNAL_ASSERT(tiles.in_width > 0 && input.is_contiguous() && input.dim() >= 3 &&
-                        input.size(-2) == tiles.in_height && input.size(-1) == tiles.in_width);
+OnePassPooling max_pool_one_pass(const at::Tensor& input, const PoolingWindows& windows) {
+  const bool tiled = windows.tiles.in_width > 0;
+  const int64_t in_height = tiled ? windows.tiles.in_height : windows.grid.in[0];
+  const int64_t in_width = tiled ? windows.tiles.in_width : windows.grid.in[1];
+  TORCH_INTERNAL_ASSERT(windows.one_pass() && input.is_contiguous() && input.dim() >= 3 &&
+                        input.size(-2) == in_height && input.size(-1) == in_width);
   c10::SmallVector<int64_t, 4> sizes(input.sizes().begin(), input.sizes().end());
-  sizes[sizes.size() - 2] = tiles.out_height;
-  sizes[sizes.size() - 1] = tiles.out_width;
-  PooledTiles made;
+  sizes[sizes.size() - 2] = tiled ? windows.tiles.out_height : windows.grid.out[0];
+  sizes[sizes.size() - 1] = tiled ? windows.tiles.out_width : windows.grid.out[1];
+  OnePassPooling made;
   made.out = at::detail::empty_cpu(sizes, input.scalar_type(), false, std::nullopt);
   const int64_t n = made.out.numel();
-  made.offsets = {empty_bytes((n + 7) / 8), empty_bytes((n + 7) / 8)};
+  const int64_t planes = n / (sizes[sizes.size() - 2] * sizes[sizes.size() - 1]);
+  if (tiled)
+    made.offsets = {empty_bytes((n + 7) / 8), empty_bytes((n + 7) / 8)};
+  else
+    made.offsets = {empty_bytes(n)};
   uint8_t* low = made.offsets[0].mutable_data_ptr<uint8_t>();
-  uint8_t* high = made.offsets[1].mutable_data_ptr<uint8_t>();
+  uint8_t* high = tiled ? made.offsets[1].mutable_data_ptr<uint8_t>() : nullptr;
+  const auto scan = [&](auto zero) {
+    using T = decltype(zero);
+    if (tiled)
+      scan_tiles(input.const_data_ptr<T>(), windows.tiles, made.out.mutable_data_ptr<T>(), low, high, n);
+    else
+      scan_windows(input.const_data_ptr<T>(), windows.grid, made.out.mutable_data_ptr<T>(), low, planes);
+  };
   switch (input.scalar_type()) {
-    case at::kFloat:
-      scan_tiles(input.const_data_ptr<float>(), tiles, made.out.mutable_data_ptr<float>(), low, high, n);
-      break;
-    case at::kDouble:
-      scan_tiles(input.const_data_ptr<double>(), tiles, made.out.mutable_data_ptr<double>(), low, high, n);
-      break;
+    case at::kFloat: scan(0.0f); break;
+    case at::kDouble: scan(0.0); break;
     default: TORCH_INTERNAL_ASSERT(false, "memsave: no one-pass max pooling for ", input.scalar_type());
   }
-  tile_poolings.fetch_add(1, std::memory_order_relaxed);
+  one_pass_poolings.fetch_add(1, std::memory_order_relaxed);
   return made;
 }
 

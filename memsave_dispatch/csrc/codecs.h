@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/SmallVector.h>
 
+#include <array>
 #include <atomic>
 #include <memory>
 #include <vector>
@@ -60,7 +61,14 @@ struct PoolingWindows {
   struct Tiles {
     int64_t in_height = 0, in_width = 0, out_height = 0, out_width = 0;
   } tiles;
+  // A 2-d regular pooling's geometry, per dim (height, width); input width 0 otherwise
+  struct Grid {
+    std::array<int64_t, 2> kernel{}, stride{}, padding{}, dilation{}, in{}, out{};
+  } grid;
   bool two_bits() const { return deltas.size() <= 4; }
+  // whether max_pool_one_pass takes these windows: tiles (two bit planes) or a 2-d pooling
+  // whose offsets are bytes
+  bool one_pass() const { return tiles.in_width > 0 || (grid.in[1] > 0 && !two_bits()); }
 };
 
 // nullptr where no offset describes every index (as the Python engine's windows are None).
@@ -85,16 +93,17 @@ at::Tensor scatter_by_offsets(at::TensorList kept, const PoolingWindows& windows
 // How many of those calls wrote each element once (the windows were tiles): what tests read.
 extern std::atomic<int64_t> tile_scatters;
 
-// max_pool2d over tiles (windows.tiles) of a contiguous float or double input (its last two
-// dimensions the plane), in one pass: each tile's maximum as stock's kernel picks it (the first
-// largest value, or the last NaN), and its window offset in the two bit planes encode_offsets
-// would write from stock's indices. No int64 indices are made.
-struct PooledTiles {
+// max_pool2d of a contiguous float or double input (its last two dimensions the plane) over
+// windows that take it (windows.one_pass()), in one pass: each window's maximum as stock's
+// kernel picks it (the first largest value, or the last NaN), and its window offset as
+// encode_offsets would write it from stock's indices (two bit planes for tiles, else a byte
+// each). No int64 indices are made.
+struct OnePassPooling {
   at::Tensor out;  // laid out as stock's (contiguous)
   KeptTensors offsets;
 };
-PooledTiles max_pool_tiles(const at::Tensor& input, const PoolingWindows& windows);
+OnePassPooling max_pool_one_pass(const at::Tensor& input, const PoolingWindows& windows);
 // How many forwards ran so: what tests read.
-extern std::atomic<int64_t> tile_poolings;
+extern std::atomic<int64_t> one_pass_poolings;
 
 }  // namespace memsave

@@ -104,7 +104,7 @@ struct Codec {
   std::shared_ptr<const PoolingWindows> windows;
 
   Encoded encode(const at::Tensor& tensor) const;  // empty `kept`: cannot encode (keep the tensor)
-  // What encode(indices) makes of window offsets made without the indices (max_pool_tiles).
+  // What encode(indices) makes of window offsets made without the indices (max_pool_one_pass).
   Encoded encoded_offsets(const at::Tensor& indices, KeptTensors offsets) const;
   at::Tensor decode(const Encoded& encoded) const;
 };

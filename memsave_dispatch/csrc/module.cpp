@@ -410,8 +410,8 @@ PyObject* py_tile_scatters(PyObject*, PyObject*) {
   return PyLong_FromLongLong(tile_scatters.load(std::memory_order_relaxed));
 }
 
-PyObject* py_tile_poolings(PyObject*, PyObject*) {
-  return PyLong_FromLongLong(tile_poolings.load(std::memory_order_relaxed));
+PyObject* py_one_pass_poolings(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(one_pass_poolings.load(std::memory_order_relaxed));
 }
 
 PyMethodDef methods[] = {
@@ -434,7 +434,7 @@ PyMethodDef methods[] = {
     {"encoding_threads", py_encoding_threads, METH_NOARGS, "the threads an encoding's parallel tasks run on"},
     {"encoding_threads_allowed", py_encoding_threads_allowed, METH_NOARGS, "the most threads they may run on"},
     {"tile_scatters", py_tile_scatters, METH_NOARGS, "max-pool backward calls that wrote each element once (2x2 tiles)"},
-    {"tile_poolings", py_tile_poolings, METH_NOARGS, "max-pool forward calls that made the offsets in one pass (2x2 tiles)"},
+    {"one_pass_poolings", py_one_pass_poolings, METH_NOARGS, "max-pool forward calls that made the offsets in one pass"},
     {nullptr, nullptr, 0, nullptr}};
 
 #define MEMSAVE_STRINGIFY2(x) #x

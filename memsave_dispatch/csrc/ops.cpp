@@ -388,10 +388,10 @@ std::shared_ptr<const Codec> window_codec(const WindowKey& key, Reader reader, B
 
 }  // namespace
 
-// Where the caller drops the indices (F.max_pool2d, nn.MaxPool2d) and the windows are 2x2
-// tiles, stock's CPU kernel would write int64 indices only for the rule to encode and free
-// them: the CPU kernel installed over stock's (max_pool2d_cpu) then computes the maxima and
-// their window offsets in one pass (codecs.h max_pool_tiles), and hands stock's autograd
+// Where the caller drops the indices (F.max_pool2d, nn.MaxPool2d), stock's CPU kernel would
+// write int64 indices only for the rule to encode and free them: the CPU kernel installed over
+// stock's (max_pool2d_cpu) then computes the maxima and their window offsets in one pass
+// (codecs.h max_pool_one_pass, where the windows take it), and hands stock's autograd
 // kernel a ghost of the indices, which nothing reads: their slot takes the offsets. (Outside
 // the anonymous namespace: ThreadState points at the one a call asked for.)
 struct TilePooling {
@@ -459,30 +459,32 @@ std::atomic<bool> one_pass_installed{false};  // max_pool2d_cpu is installed
 // Asks max_pool2d_cpu for the one-pass forward, from just before stock's autograd kernel runs
 // until the rule has read the offsets (the route's end), where the call qualifies: the caller
 // drops the indices, the input is a plain contiguous float or double tensor (no forward-mode
-// gradient, which stock computes from the indices), and the windows are tiles.
+// gradient, which stock computes from the indices), and the windows take it.
 class TilePoolingRequest {
  public:
   TilePoolingRequest(ThreadState& thread, const at::Tensor& input, at::IntArrayRef kernel, at::IntArrayRef stride,
                      at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode)
       : thread_(thread), before_(thread.tile_pooling) {
-    const auto all = [](at::IntArrayRef values, int64_t value) {
-      return (values.size() == 1 || values.size() == 2) &&
-             std::all_of(values.begin(), values.end(), [&](int64_t v) { return v == value; });
-    };
     if (thread.outputs_held != 0 || !one_pass_installed.load(std::memory_order_acquire)) return;
-    // The one-pass kernel runs none of stock's argument checks: these stand in for them (list
-    // lengths, dims, sizes that leave an output), leaving every call stock would reject to stock.
-    if (!(input.dim() == 3 || input.dim() == 4) || !float_or_double(input.scalar_type()) || !all(kernel, 2) ||
-        !(stride.empty() || all(stride, 2)) || !all(padding, 0) || !all(dilation, 1))
+    if (!(input.dim() == 3 || input.dim() == 4) || !float_or_double(input.scalar_type()) || input.numel() == 0 ||
+        !input.is_contiguous() || input.suggest_memory_format() != at::MemoryFormat::Contiguous ||
+        !input.device().is_cpu() || input._fw_grad(0).defined())
       return;
-    if (input.numel() == 0 || input.size(-2) < 2 || input.size(-1) < 2 || !input.is_contiguous() ||
-        input.suggest_memory_format() != at::MemoryFormat::Contiguous || !input.device().is_cpu() ||
-        input._fw_grad(0).defined())
-      return;
-    const int64_t out_sizes[2] = {at::native::pooling_output_shape<int64_t>(input.size(-2), 2, 0, 2, 1, ceil_mode),
-                                  at::native::pooling_output_shape<int64_t>(input.size(-1), 2, 0, 2, 1, ceil_mode)};
+    // The one-pass kernel runs none of stock's argument checks (pool2d_shape_check): these stand
+    // in for them, leaving every call stock would reject to stock.
+    const auto two = [](at::IntArrayRef values) { return values.size() == 1 || values.size() == 2; };
+    if (!two(kernel) || !(stride.empty() || two(stride)) || !two(padding) || !two(dilation)) return;
+    const auto at_dim = [](at::IntArrayRef values, size_t d) { return values.size() == 1 ? values[0] : values[d]; };
+    int64_t out_sizes[2];
+    for (size_t d = 0; d < 2; ++d) {
+      const int64_t k = at_dim(kernel, d), s = stride.empty() ? k : at_dim(stride, d), p = at_dim(padding, d),
+                    dil = at_dim(dilation, d);
+      if (k < 1 || s < 1 || dil < 1 || p < 0 || p > k / 2 || p > ((k - 1) * dil + 1) / 2) return;
+      out_sizes[d] = at::native::pooling_output_shape<int64_t>(input.size(-2 + int64_t(d)), k, p, s, dil, ceil_mode);
+      if (out_sizes[d] < 1) return;
+    }
     pass_.codec = regular_window_codec<2>(input.sizes(), out_sizes, kernel, stride, padding, dilation);
-    if (!pass_.codec || pass_.codec->windows->tiles.in_width == 0) return;
+    if (!pass_.codec || !pass_.codec->windows->one_pass()) return;
     pass_.input = input.unsafeGetTensorImpl();
     thread.tile_pooling = &pass_;
   }
@@ -1051,7 +1053,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(c10::DispatchKeySet ks, const 
   if (C10_UNLIKELY(tls_active)) {
     TilePooling* pass = thread_state().tile_pooling;
     if (pass && pass->input == self.unsafeGetTensorImpl() && pass->offsets.empty()) {
-      PooledTiles made = max_pool_tiles(self, *pass->codec->windows);
+      OnePassPooling made = max_pool_one_pass(self, *pass->codec->windows);
       pass->offsets = std::move(made.offsets);
       at::Tensor indices = make_ghost(Layout::of(made.out.sizes(), made.out.strides(), at::kLong));
       return {std::move(made.out), std::move(indices)};
