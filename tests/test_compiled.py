@@ -642,8 +642,15 @@ def _with_special_tiles(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _between_nans(t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous view into a buffer of NaNs on either side: a kernel reading one element
+    past the tensor, or before it, takes a NaN for its maximum."""
+    nans = torch.full((32,), float("nan"), dtype=t.dtype)
+    return torch.cat([nans, t.flatten(), nans])[32:32 + t.numel()].view(t.shape)
+
+
 ONE_PASS_SHAPES = [*TILE_SHAPES, (3, 6, 8), (2, 5, 8, 19), (2, 17, 70, 70)]  # the last over several tasks
-WINDOW_SHAPES = [(2, 3, 16, 16), (1, 2, 17, 33), (3, 9, 35), (1, 3, 64, 64), (2, 17, 70, 70)]
+WINDOW_SHAPES = [(2, 3, 16, 16), (1, 2, 17, 33), (3, 9, 35), (1, 3, 64, 64), (2, 17, 70, 70), (1, 2, 5, 19)]
 # F.max_pool2d's arguments, and the shapes to pool: 2x2 tiles keep two bit planes, windows of
 # more than four positions a byte each (eight outputs at a time with AVX2 at stride 2 along rows)
 ONE_PASS_POOLS = {
@@ -652,6 +659,7 @@ ONE_PASS_POOLS = {
     "3x3 stride 1 padding 1": (dict(kernel_size=3, stride=1, padding=1), WINDOW_SHAPES),
     "3x5 stride (1, 2) padding (1, 2) dilation (2, 1)": (
         dict(kernel_size=(3, 5), stride=(1, 2), padding=(1, 2), dilation=(2, 1)), WINDOW_SHAPES),
+    "1x5 stride 2 padding 2": (dict(kernel_size=(1, 5), stride=2, padding=(0, 2)), WINDOW_SHAPES),
 }
 
 
@@ -676,7 +684,7 @@ def test_max_pool_forward_in_one_pass_like_stock(compiled_engine, dtype, pool, s
     grad.view(-1)[8::3] = -0.0  # (not on the special tiles: their gradients tell where the offsets point)
 
     def forward_and_backward():
-        y = pool_fn(x * 1)
+        y = pool_fn(_between_nans(x * 1))
         indices = y.grad_fn._saved_result1  # the offsets, decoded for Python code under the mode
         (dx,) = torch.autograd.grad(y, x, grad)
         return y.detach(), indices, dx
@@ -711,7 +719,7 @@ NOT_ONE_PASS = {
     "2x2 padding 1": lambda x: F.max_pool2d(x, 2, padding=1),
     "2x2 dilation 2": lambda x: F.max_pool2d(x, 2, dilation=2),
     "a window too big for offsets (256 positions)": lambda x: F.max_pool2d(x.repeat(1, 1, 3, 2)[..., :17, :17], 16, 1),
-    "1-d": lambda x: F.max_pool1d(x.flatten(-2), 2),
+    "1-d, two positions": lambda x: F.max_pool1d(x.flatten(-2), 2),
     "batch 0": lambda x: F.max_pool2d(x[:0], 2),
     "a forward-mode gradient": _dual_max_pool,
 }
@@ -735,15 +743,29 @@ def test_max_pool_one_pass_only_where_nothing_reads_the_indices(compiled_engine,
         assert_bit_identical(a, b, "output")
 
 
-@pytest.mark.parametrize("size", [(1, 8), (8, 1)])
-def test_max_pool_one_pass_leaves_stock_s_errors_to_stock(compiled_engine, size):
-    """An input too small for a 2x2 window: stock's own error, word for word."""
-    x = _x(2, 3, *size)
+STOCK_ERRORS = {
+    "an input too small (height)": ((2, 3, 1, 8), dict(kernel_size=2)),
+    "an input too small (width)": ((2, 3, 8, 1), dict(kernel_size=2)),
+    "padding past half the window": ((2, 3, 8, 8), dict(kernel_size=3, padding=2)),
+    "stride 0": ((2, 3, 8, 8), dict(kernel_size=3, stride=0)),
+    "a stride past int": ((2, 3, 8, 8), dict(kernel_size=3, stride=(1, 2**32 + 2), padding=1)),
+    "a dilation past int": ((2, 3, 8, 8), dict(kernel_size=(1, 5), dilation=(2**32, 1))),
+}
+
+
+@pytest.mark.parametrize("case", STOCK_ERRORS)
+def test_max_pool_one_pass_leaves_stock_s_errors_to_stock(compiled_engine, case):
+    """Calls stock rejects (the one-pass kernel runs none of its checks): stock's own error,
+    word for word."""
+    shape, kwargs = STOCK_ERRORS[case]
+    x = _x(*shape)
     with pytest.raises(RuntimeError) as stock:
-        F.max_pool2d(x, 2)
+        F.max_pool2d(x, **kwargs)
+    one_pass_before = extension.load().one_pass_poolings()
     with MemSaveMode(), pytest.raises(RuntimeError) as ours:
-        F.max_pool2d(x, 2)
+        F.max_pool2d(x, **kwargs)
     assert str(ours.value) == str(stock.value)
+    assert extension.load().one_pass_poolings() == one_pass_before
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # anomaly mode's announcement

@@ -394,6 +394,11 @@ void add_dimension(std::vector<int64_t>& deltas, int64_t positions, int64_t step
 std::shared_ptr<const PoolingWindows> regular_windows(at::IntArrayRef in_sizes, at::IntArrayRef out_sizes,
                                                       at::IntArrayRef kernel, at::IntArrayRef stride,
                                                       at::IntArrayRef padding, at::IntArrayRef dilation) {
+  int64_t positions = 1;
+  for (int64_t k : kernel) {
+    positions *= k;
+    if (positions > 255) return nullptr;  // (before any table of that size is built)
+  }
   const auto plane = plane_strides(in_sizes);
   auto windows = std::make_shared<PoolingWindows>();
   windows->deltas = {0};
@@ -1133,10 +1138,14 @@ template <class T>
 void scan_windows(const T* input, const PoolingWindows::Grid& g, T* out, uint8_t* position, int64_t planes) {
   const int64_t rows = g.out[0], columns = g.out[1], in_plane = g.in[0] * g.in[1];
   const int64_t work = std::max<int64_t>(1, columns * g.kernel[0] * g.kernel[1]);
-  // eight outputs from `ow` on whose windows lie inside the row (scan_eight_windows_avx2): their
-  // first column at 0 or past it, their last window's last column inside
+  // kGroup outputs from `ow` on, at a stride of 2 along the row, whose windows lie inside it
+  // (scan_eight_windows_avx2): the first one's first column at 0 or past it, the last one's last
+  // column inside
+  constexpr int64_t kGroup = 8;
   const int64_t first_inside = (g.padding[1] + 1) / 2;
-  const auto inside = [&](int64_t ow) { return ow >= first_inside && 2 * (ow + 7) - g.padding[1] + g.kernel[1] <= g.in[1]; };
+  const auto inside = [&](int64_t ow) {
+    return ow >= first_inside && 2 * (ow + kGroup - 1) - g.padding[1] + g.kernel[1] <= g.in[1];
+  };
   at::parallel_for(0, planes * rows, std::max<int64_t>(1, kGrain / work), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t oh = r % rows;
@@ -1151,10 +1160,11 @@ void scan_windows(const T* input, const PoolingWindows::Grid& g, T* out, uint8_t
       if constexpr (std::is_same_v<T, float>) {
         if (kAvx2 && g.stride[1] == 2 && g.dilation[1] == 1) {
           for (; ow < std::min(first_inside, columns); ++ow) scan_window(plane, g, ih0, ih1, a0, ow, row_out + ow, row_position + ow);
-          for (; ow + 8 <= columns && inside(ow); ow += 8)
+          for (; ow + kGroup <= columns && inside(ow); ow += kGroup)
             scan_eight_windows_avx2(plane, g, ih0, ih1, a0, ow, row_out + ow, row_position + ow);
-          if (ow < columns && columns >= 8 && ow > columns - 8 && inside(columns - 8)) {  // the last eight, again in part
-            scan_eight_windows_avx2(plane, g, ih0, ih1, a0, columns - 8, row_out + columns - 8, row_position + columns - 8);
+          const int64_t last = columns - kGroup;  // the last group, overlapping the one before
+          if (ow < columns && ow > last && inside(last)) {  // (inside: last >= first_inside >= 0)
+            scan_eight_windows_avx2(plane, g, ih0, ih1, a0, last, row_out + last, row_position + last);
             ow = columns;
           }
         }
@@ -1174,6 +1184,7 @@ OnePassPooling max_pool_one_pass(const at::Tensor& input, const PoolingWindows& 
   const int64_t in_width = tiled ? windows.tiles.in_width : windows.grid.in[1];
   TORCH_INTERNAL_ASSERT(windows.one_pass() && input.is_contiguous() && input.dim() >= 3 &&
                         input.size(-2) == in_height && input.size(-1) == in_width);
+  TORCH_INTERNAL_ASSERT(windows.deltas.size() <= 255);  // a position fits a byte
   c10::SmallVector<int64_t, 4> sizes(input.sizes().begin(), input.sizes().end());
   sizes[sizes.size() - 2] = tiled ? windows.tiles.out_height : windows.grid.out[0];
   sizes[sizes.size() - 1] = tiled ? windows.tiles.out_width : windows.grid.out[1];

@@ -79,7 +79,7 @@ struct PendingBook {
 class WatchState;
 struct Waiting;
 struct Codec;
-struct TilePooling;
+struct OnePassCall;
 
 using TalliesList = std::vector<std::shared_ptr<Tallies>>;
 
@@ -103,7 +103,7 @@ struct ThreadState {
     std::array<std::pair<std::vector<int64_t>, std::shared_ptr<const Codec>>, 8> entries;
     size_t next = 0;  // the entry a new geometry replaces
   } recent_windows;
-  TilePooling* tile_pooling = nullptr;  // a max pooling's request for its one-pass forward, during its call (ops.cpp)
+  OnePassCall* one_pass_call = nullptr;  // a max pooling's request for its one-pass forward, during its call (ops.cpp)
 };
 
 // Calls straight to the CPU kernels: no autograd, no Python modes, whatever this thread's state.

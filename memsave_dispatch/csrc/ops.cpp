@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <limits>
 #include <map>
 #include <string>
 #include <tuple>
@@ -394,7 +395,7 @@ std::shared_ptr<const Codec> window_codec(const WindowKey& key, Reader reader, B
 // (codecs.h max_pool_one_pass, where the windows take it), and hands stock's autograd
 // kernel a ghost of the indices, which nothing reads: their slot takes the offsets. (Outside
 // the anonymous namespace: ThreadState points at the one a call asked for.)
-struct TilePooling {
+struct OnePassCall {
   const c10::TensorImpl* input = nullptr;
   std::shared_ptr<const Codec> codec;
   KeptTensors offsets;  // once the CPU kernel made them
@@ -407,7 +408,7 @@ template <class CodecOf>
 void max_pool_slots(Decisions& saved, SavedVariable& self_slot, SavedVariable& indices_slot,
                     const at::Tensor& input, const at::Tensor& indices, const CallSite& site, CodecOf&& codec_of) {
   saved.push_back({&self_slot, input, Decision::Drop, nullptr});
-  const TilePooling* pass = site.thread->tile_pooling;
+  const OnePassCall* pass = site.thread->one_pass_call;
   if (pass && !pass->offsets.empty() && pass->input == input.unsafeGetTensorImpl()) {
     saved.push_back({&indices_slot, indices, Decision::Encoded, pass->codec, pass->offsets});
     return;
@@ -460,11 +461,11 @@ std::atomic<bool> one_pass_installed{false};  // max_pool2d_cpu is installed
 // until the rule has read the offsets (the route's end), where the call qualifies: the caller
 // drops the indices, the input is a plain contiguous float or double tensor (no forward-mode
 // gradient, which stock computes from the indices), and the windows take it.
-class TilePoolingRequest {
+class OnePassRequest {
  public:
-  TilePoolingRequest(ThreadState& thread, const at::Tensor& input, at::IntArrayRef kernel, at::IntArrayRef stride,
+  OnePassRequest(ThreadState& thread, const at::Tensor& input, at::IntArrayRef kernel, at::IntArrayRef stride,
                      at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode)
-      : thread_(thread), before_(thread.tile_pooling) {
+      : thread_(thread), before_(thread.one_pass_call) {
     if (thread.outputs_held != 0 || !one_pass_installed.load(std::memory_order_acquire)) return;
     if (!(input.dim() == 3 || input.dim() == 4) || !float_or_double(input.scalar_type()) || input.numel() == 0 ||
         !input.is_contiguous() || input.suggest_memory_format() != at::MemoryFormat::Contiguous ||
@@ -476,26 +477,28 @@ class TilePoolingRequest {
     if (!two(kernel) || !(stride.empty() || two(stride)) || !two(padding) || !two(dilation)) return;
     const auto at_dim = [](at::IntArrayRef values, size_t d) { return values.size() == 1 ? values[0] : values[d]; };
     int64_t out_sizes[2];
+    constexpr int64_t kIntMax = std::numeric_limits<int>::max();  // stock reads them as int (safe_downcast)
     for (size_t d = 0; d < 2; ++d) {
       const int64_t k = at_dim(kernel, d), s = stride.empty() ? k : at_dim(stride, d), p = at_dim(padding, d),
                     dil = at_dim(dilation, d);
-      if (k < 1 || s < 1 || dil < 1 || p < 0 || p > k / 2 || p > ((k - 1) * dil + 1) / 2) return;
+      if (k < 1 || s < 1 || dil < 1 || p < 0 || k > kIntMax || s > kIntMax || p > kIntMax || dil > kIntMax) return;
+      if (p > k / 2 || p > ((k - 1) * dil + 1) / 2) return;
       out_sizes[d] = at::native::pooling_output_shape<int64_t>(input.size(-2 + int64_t(d)), k, p, s, dil, ceil_mode);
       if (out_sizes[d] < 1) return;
     }
     pass_.codec = regular_window_codec<2>(input.sizes(), out_sizes, kernel, stride, padding, dilation);
     if (!pass_.codec || !pass_.codec->windows->one_pass()) return;
     pass_.input = input.unsafeGetTensorImpl();
-    thread.tile_pooling = &pass_;
+    thread.one_pass_call = &pass_;
   }
-  ~TilePoolingRequest() { thread_.tile_pooling = before_; }
-  TilePoolingRequest(const TilePoolingRequest&) = delete;
-  TilePoolingRequest& operator=(const TilePoolingRequest&) = delete;
+  ~OnePassRequest() { thread_.one_pass_call = before_; }
+  OnePassRequest(const OnePassRequest&) = delete;
+  OnePassRequest& operator=(const OnePassRequest&) = delete;
 
  private:
   ThreadState& thread_;
-  TilePooling* before_;
-  TilePooling pass_;
+  OnePassCall* before_;
+  OnePassCall pass_;
 };
 
 // -- the rules (ops/*.py) ---------------------------------------------------------------------------
@@ -799,22 +802,22 @@ constexpr bool kMaxPoolWithIndices =
 class PoolingReentered {
  public:
   explicit PoolingReentered(ThreadState& thread)
-      : thread_(thread), on_(thread.outputs_held != -1), depth_(thread.pooling_depth), pass_(thread.tile_pooling) {
+      : thread_(thread), on_(thread.outputs_held != -1), depth_(thread.pooling_depth), pass_(thread.one_pass_call) {
     if (!on_) return;
     thread.pooling_depth = 0;
-    thread.tile_pooling = nullptr;
+    thread.one_pass_call = nullptr;
   }
   ~PoolingReentered() {
     if (!on_) return;
     thread_.pooling_depth = depth_;
-    thread_.tile_pooling = pass_;
+    thread_.one_pass_call = pass_;
   }
 
  private:
   ThreadState& thread_;
   bool on_;
   int depth_;
-  TilePooling* pass_;
+  OnePassCall* pass_;
 };
 
 class OutputsHeld {
@@ -944,7 +947,7 @@ struct Kernel<Op, Ret(Args...)> : Captured<Kernel<Op>, Ret(Args...)> {
     if constexpr (kInPlace) {
       previous = std::get<0>(std::forward_as_tuple(args...)).grad_fn();
     }
-    std::optional<TilePoolingRequest> one_pass;
+    std::optional<OnePassRequest> one_pass;
     if constexpr (std::is_same_v<Op, at::_ops::max_pool2d_with_indices>) one_pass.emplace(thread, args...);
     Ret result = call(stock, ks, args...);
     const Outputs outputs = outputs_of(result);
@@ -1042,16 +1045,16 @@ at::Tensor max_pool2d_backward_cpu(c10::DispatchKeySet ks, const at::Tensor& gra
   return MaxPool2dBackwardCpu::call_stock(ks, grad, self, kernel_size, stride, padding, dilation, ceil_mode, indices);
 }
 
-// -- max pooling's forward in one pass (TilePooling) ---------------------------------------------------
+// -- max pooling's forward in one pass (OnePassCall) ---------------------------------------------------
 // The CPU kernel of max_pool2d_with_indices: the one-pass forward where this thread's call asked
-// for it (TilePoolingRequest), stock's kernel for any other call.
+// for it (OnePassRequest), stock's kernel for any other call.
 using MaxPool2dCpu = StockCpu<at::_ops::max_pool2d_with_indices>;
 
 std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(c10::DispatchKeySet ks, const at::Tensor& self,
                                                   at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                                   at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
   if (C10_UNLIKELY(tls_active)) {
-    TilePooling* pass = thread_state().tile_pooling;
+    OnePassCall* pass = thread_state().one_pass_call;
     if (pass && pass->input == self.unsafeGetTensorImpl() && pass->offsets.empty()) {
       OnePassPooling made = max_pool_one_pass(self, *pass->codec->windows);
       pass->offsets = std::move(made.offsets);
