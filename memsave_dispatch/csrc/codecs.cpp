@@ -414,9 +414,8 @@ std::shared_ptr<const PoolingWindows> regular_windows(at::IntArrayRef in_sizes, 
   const auto all = [](at::IntArrayRef values, int64_t value) {
     return std::all_of(values.begin(), values.end(), [&](int64_t v) { return v == value; });
   };
-  if (in_sizes.size() == 2 && all(kernel, 2) && all(stride, 2) && all(padding, 0) && all(dilation, 1) &&
-      2 * out_sizes[0] <= in_sizes[0] && 2 * out_sizes[1] <= in_sizes[1])
-    windows->tiles = {in_sizes[0], in_sizes[1], out_sizes[0], out_sizes[1]};
+  windows->tiled = in_sizes.size() == 2 && all(kernel, 2) && all(stride, 2) && all(padding, 0) && all(dilation, 1) &&
+                   2 * out_sizes[0] <= in_sizes[0] && 2 * out_sizes[1] <= in_sizes[1];
   if (in_sizes.size() == 2)
     for (size_t d = 0; d < 2; ++d) {
       windows->grid.kernel[d] = kernel[d];
@@ -650,7 +649,7 @@ __attribute__((target("avx2"))) int64_t indices_run_avx2(const uint8_t* position
   return r;
 }
 
-// The same where the windows are tiles (windows.tiles): an index's step from its window's
+// The same where the windows are tiles (windows.tiled): an index's step from its window's
 // origin is 0, 1, W or W+1 (the positions in that order, W the input's width >= 2), so the
 // lower row is a step past 1, and the right column what remains once W is taken off it; any
 // other remainder is an index outside its window. No table, no gather.
@@ -707,8 +706,8 @@ bool bit_planes_of(const int64_t* indices, const PoolingWindows& windows, int64_
       uint8_t* low_byte = low + ((e + r) >> 3);
       uint8_t* high_byte = high + ((e + r) >> 3);
       const int64_t took =
-          windows.tiles.in_width > 0
-              ? tile_bits_run_avx2(indices + e + r, origins + k + r, windows.tiles.in_width, low_byte, high_byte, run - r)
+          windows.tiled
+              ? tile_bits_run_avx2(indices + e + r, origins + k + r, windows.grid.in[1], low_byte, high_byte, run - r)
               : bit_planes_run_avx2(indices + e + r, origins + k + r, windows.low, offset_of, windows.beyond, low_byte,
                                     high_byte, run - r);
       if (took < 0) {
@@ -901,12 +900,12 @@ __attribute__((target("avx2"))) inline void store_tile_row(float* row, __m256 va
 // other three, 16 elements of the row's top and bottom input rows. Returns the outputs of a
 // row it took.
 __attribute__((target("avx2"))) int64_t tile_rows_avx2(const uint8_t* low, const uint8_t* high,
-                                                       const PoolingWindows::Tiles& tiles, int64_t e0,
+                                                       const PoolingWindows::Grid& tiles, int64_t e0,
                                                        const float* grad, float* plane) {
-  const int64_t taken = tiles.out_width & ~int64_t(7), width = tiles.in_width;
-  for (int64_t oh = 0; oh < tiles.out_height; ++oh) {
+  const int64_t taken = tiles.out[1] & ~int64_t(7), width = tiles.in[1];
+  for (int64_t oh = 0; oh < tiles.out[0]; ++oh) {
     float* top = plane + 2 * oh * width;
-    const int64_t e = e0 + oh * tiles.out_width;
+    const int64_t e = e0 + oh * tiles.out[1];
     for (int64_t ow = 0; ow < taken; ow += 8) {
       const __m256 is_right = lanes_of_bits(eight_bits(low, e + ow)), is_lower = lanes_of_bits(eight_bits(high, e + ow));
       const __m256 value = _mm256_add_ps(_mm256_loadu_ps(grad + (e - e0) + ow), _mm256_setzero_ps());
@@ -920,9 +919,9 @@ __attribute__((target("avx2"))) int64_t tile_rows_avx2(const uint8_t* low, const
 
 // Planes of tiles, each input element written once.
 template <class T>
-void scatter_tiles(const uint8_t* low, const uint8_t* high, const PoolingWindows::Tiles& tiles, const T* grad_output,
+void scatter_tiles(const uint8_t* low, const uint8_t* high, const PoolingWindows::Grid& tiles, const T* grad_output,
                    T* grad_input, int64_t planes) {
-  const int64_t height = tiles.in_height, width = tiles.in_width, rows = tiles.out_height, columns = tiles.out_width;
+  const int64_t height = tiles.in[0], width = tiles.in[1], rows = tiles.out[0], columns = tiles.out[1];
   const int64_t out_plane = rows * columns;
   at::parallel_for(0, planes, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, out_plane)), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -966,12 +965,12 @@ at::Tensor scatter_by_offsets(at::TensorList kept, const PoolingWindows& windows
   const int64_t in_plane = grad_input.numel() / planes;
   const uint8_t* low = kept[0].const_data_ptr<uint8_t>();
   const uint8_t* high = windows.two_bits() ? kept[1].const_data_ptr<uint8_t>() : nullptr;
-  const bool tiled = windows.tiles.in_width > 0 && windows.tiles.in_height * windows.tiles.in_width == in_plane;
+  const bool tiled = windows.tiled && windows.grid.in[0] * windows.grid.in[1] == in_plane;
   if (tiled) tile_scatters.fetch_add(1, std::memory_order_relaxed);
   const auto scatter = [&](auto zero) {
     using T = decltype(zero);
     if (tiled)
-      scatter_tiles(low, high, windows.tiles, grad.const_data_ptr<T>(), grad_input.mutable_data_ptr<T>(), planes);
+      scatter_tiles(low, high, windows.grid, grad.const_data_ptr<T>(), grad_input.mutable_data_ptr<T>(), planes);
     else
       scatter_planes(low, high, windows, grad.const_data_ptr<T>(), grad_input.mutable_data_ptr<T>(), planes, in_plane);
   };
@@ -1051,9 +1050,9 @@ __attribute__((target("avx2"))) int64_t scan_tiles_avx2(const float* top, int64_
 #endif
 
 template <class T>
-void scan_tiles(const T* input, const PoolingWindows::Tiles& tiles, T* out, uint8_t* low, uint8_t* high, int64_t n) {
-  const int64_t columns = tiles.out_width, out_plane = tiles.out_height * columns;
-  const int64_t width = tiles.in_width, in_plane = tiles.in_height * width;
+void scan_tiles(const T* input, const PoolingWindows::Grid& tiles, T* out, uint8_t* low, uint8_t* high, int64_t n) {
+  const int64_t columns = tiles.out[1], out_plane = tiles.out[0] * columns;
+  const int64_t width = tiles.in[1], in_plane = tiles.in[0] * width;
   at::parallel_for(0, (n + 7) / 8, kGrain / 8, [&](int64_t u0, int64_t u1) {  // a task owns whole bytes of the planes
     std::memset(low + u0, 0, size_t(u1 - u0));
     std::memset(high + u0, 0, size_t(u1 - u0));
@@ -1179,19 +1178,18 @@ void scan_windows(const T* input, const PoolingWindows::Grid& g, T* out, uint8_t
 std::atomic<int64_t> one_pass_poolings{0};
 
 OnePassPooling max_pool_one_pass(const at::Tensor& input, const PoolingWindows& windows) {
-  const bool tiled = windows.tiles.in_width > 0;
-  const int64_t in_height = tiled ? windows.tiles.in_height : windows.grid.in[0];
-  const int64_t in_width = tiled ? windows.tiles.in_width : windows.grid.in[1];
+  const PoolingWindows::Grid& grid = windows.grid;
+  const bool tiled = windows.tiled;
   TORCH_INTERNAL_ASSERT(windows.one_pass() && input.is_contiguous() && input.dim() >= 3 &&
-                        input.size(-2) == in_height && input.size(-1) == in_width);
+                        input.size(-2) == grid.in[0] && input.size(-1) == grid.in[1]);
   TORCH_INTERNAL_ASSERT(windows.deltas.size() <= 255);  // a position fits a byte
   c10::SmallVector<int64_t, 4> sizes(input.sizes().begin(), input.sizes().end());
-  sizes[sizes.size() - 2] = tiled ? windows.tiles.out_height : windows.grid.out[0];
-  sizes[sizes.size() - 1] = tiled ? windows.tiles.out_width : windows.grid.out[1];
+  sizes[sizes.size() - 2] = grid.out[0];
+  sizes[sizes.size() - 1] = grid.out[1];
   OnePassPooling made;
   made.out = at::detail::empty_cpu(sizes, input.scalar_type(), false, std::nullopt);
   const int64_t n = made.out.numel();
-  const int64_t planes = n / (sizes[sizes.size() - 2] * sizes[sizes.size() - 1]);
+  const int64_t planes = n / (grid.out[0] * grid.out[1]);
   if (tiled)
     made.offsets = {empty_bytes((n + 7) / 8), empty_bytes((n + 7) / 8)};
   else
@@ -1201,9 +1199,9 @@ OnePassPooling max_pool_one_pass(const at::Tensor& input, const PoolingWindows& 
   const auto scan = [&](auto zero) {
     using T = decltype(zero);
     if (tiled)
-      scan_tiles(input.const_data_ptr<T>(), windows.tiles, made.out.mutable_data_ptr<T>(), low, high, n);
+      scan_tiles(input.const_data_ptr<T>(), grid, made.out.mutable_data_ptr<T>(), low, high, n);
     else
-      scan_windows(input.const_data_ptr<T>(), windows.grid, made.out.mutable_data_ptr<T>(), low, planes);
+      scan_windows(input.const_data_ptr<T>(), grid, made.out.mutable_data_ptr<T>(), low, planes);
   };
   switch (input.scalar_type()) {
     case at::kFloat: scan(0.0f); break;

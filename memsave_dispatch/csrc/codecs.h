@@ -55,20 +55,17 @@ struct PoolingWindows {
   int64_t beyond = 0;  // offset_of's entry (255) for every step below low or past the last
   std::vector<int64_t> origins;  // per output position of a plane (row-major): its window's origin
   int64_t low = 0;
-  // 2x2 windows with stride 2 and neither padding nor dilation, none reaching past the input:
-  // the input's height and width, and the output's (each input element then lies in one window
-  // at most); width 0 otherwise
-  struct Tiles {
-    int64_t in_height = 0, in_width = 0, out_height = 0, out_width = 0;
-  } tiles;
   // A 2-d regular pooling's geometry, per dim (height, width); input width 0 otherwise
   struct Grid {
     std::array<int64_t, 2> kernel{}, stride{}, padding{}, dilation{}, in{}, out{};
   } grid;
+  // 2x2 windows with stride 2 and neither padding nor dilation, none reaching past the input
+  // (each input element then lies in one window at most)
+  bool tiled = false;
   bool two_bits() const { return deltas.size() <= 4; }
   // whether max_pool_one_pass takes these windows: tiles (two bit planes) or a 2-d pooling
   // whose offsets are bytes
-  bool one_pass() const { return tiles.in_width > 0 || (grid.in[1] > 0 && !two_bits()); }
+  bool one_pass() const { return tiled || (grid.in[1] > 0 && !two_bits()); }
 };
 
 // nullptr where no offset describes every index (as the Python engine's windows are None).

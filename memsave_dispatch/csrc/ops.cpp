@@ -464,7 +464,7 @@ std::atomic<bool> one_pass_installed{false};  // max_pool2d_cpu is installed
 class OnePassRequest {
  public:
   OnePassRequest(ThreadState& thread, const at::Tensor& input, at::IntArrayRef kernel, at::IntArrayRef stride,
-                     at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode)
+                 at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode)
       : thread_(thread), before_(thread.one_pass_call) {
     if (thread.outputs_held != 0 || !one_pass_installed.load(std::memory_order_acquire)) return;
     if (!(input.dim() == 3 || input.dim() == 4) || !float_or_double(input.scalar_type()) || input.numel() == 0 ||
